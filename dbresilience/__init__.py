@@ -1,0 +1,53 @@
+"""dbresilience: connection resilience for SQLAlchemy 2.x over PostgreSQL.
+
+Swap ``create_engine(...)`` for :func:`create_resilient_engine` and the application survives
+server restarts, killed backends, reset sockets and overload without code changes.
+"""
+
+from __future__ import annotations
+
+from dbresilience._classification import Classification, ErrorKind, classify
+from dbresilience._engine import create_resilient_engine
+from dbresilience._engine_hooks import IDEMPOTENT_OPTION, get_stats, install
+from dbresilience._errors import (
+    CircuitOpen,
+    CommitOutcomeUnknown,
+    ConfigurationError,
+    DatabaseUnavailable,
+    DisconnectError,
+    PermanentError,
+    ResilienceError,
+    ResourceExhausted,
+    StatementTimeout,
+    TransactionConflict,
+)
+from dbresilience._observability import RetryDetails, RetryHook, Stats, add_hook, remove_hook
+from dbresilience._policy import Policy
+from dbresilience._retrying import set_testing
+
+__all__ = [
+    "IDEMPOTENT_OPTION",
+    "CircuitOpen",
+    "Classification",
+    "CommitOutcomeUnknown",
+    "ConfigurationError",
+    "DatabaseUnavailable",
+    "DisconnectError",
+    "ErrorKind",
+    "PermanentError",
+    "Policy",
+    "ResilienceError",
+    "ResourceExhausted",
+    "RetryDetails",
+    "RetryHook",
+    "StatementTimeout",
+    "Stats",
+    "TransactionConflict",
+    "add_hook",
+    "classify",
+    "create_resilient_engine",
+    "get_stats",
+    "install",
+    "remove_hook",
+    "set_testing",
+]

@@ -1,0 +1,264 @@
+"""Error classification: map driver and OS exceptions to a small taxonomy.
+
+:func:`classify` walks an exception and its explicit causes (SQLAlchemy's ``.orig``,
+``__cause__``), reads a SQLSTATE when a driver provides one and otherwise recognises OS errors
+and the message texts of libpq, asyncpg and PgBouncer. The taxonomy (kind: retryable? examples):
+
+- ``disconnect`` (retryable): 08000/08003/08006, 57P01/57P02/57P05, 25P03, connection reset,
+  broken pipe, SSL EOF, "server closed the connection unexpectedly".
+- ``unavailable`` (retryable): connection refused, 08001/08004, 57P03 (starting up, in
+  recovery), 25006 (read-only: we are talking to a standby), PgBouncer cannot connect.
+- ``transaction-conflict`` (retryable): 40001, 40P01, 55P03 (lock not available), 55006.
+- ``resource-exhausted`` (retryable): 53xxx (53300 too many connections), 58000/58030,
+  PgBouncer ``query_wait_timeout`` / ``no more connections allowed``.
+- ``timeout`` (not retryable): 57014 (statement_timeout, cancel), PgBouncer ``query_timeout``.
+- ``commit-outcome-unknown`` (not retryable): 08007, 40003, a connection lost during COMMIT.
+- ``permanent`` (not retryable): 28000/28P01 (authentication), 3D000 (no such database), 57P04.
+- ``application`` (not retryable): everything else - constraint violations, syntax errors,
+  permissions. These are passed through untouched.
+
+"Retryable" means the *whole transaction* (or the connect) may be run again; whether a given
+retry is safe also depends on where the failure happened (see ``_transactions``). Messages are
+matched on the English texts; SQLSTATEs work whatever the server's ``lc_messages``.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import ssl
+from dataclasses import dataclass
+
+__all__ = ["Classification", "ErrorKind", "classify"]
+
+
+class ErrorKind(str, enum.Enum):
+    """The classes of failure dbresilience tells apart."""
+
+    DISCONNECT = "disconnect"
+    UNAVAILABLE = "unavailable"
+    TRANSACTION_CONFLICT = "transaction-conflict"
+    RESOURCE_EXHAUSTED = "resource-exhausted"
+    TIMEOUT = "timeout"
+    COMMIT_OUTCOME_UNKNOWN = "commit-outcome-unknown"
+    PERMANENT = "permanent"
+    APPLICATION = "application"
+
+
+_RETRYABLE = frozenset(
+    {
+        ErrorKind.DISCONNECT,
+        ErrorKind.UNAVAILABLE,
+        ErrorKind.TRANSACTION_CONFLICT,
+        ErrorKind.RESOURCE_EXHAUSTED,
+    }
+)
+# Kinds after which the connection must never be used again.
+_CONNECTION_UNUSABLE = frozenset(
+    {ErrorKind.DISCONNECT, ErrorKind.UNAVAILABLE, ErrorKind.COMMIT_OUTCOME_UNKNOWN}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """What :func:`classify` found.
+
+    :ivar kind: the taxonomy class.
+    :ivar sqlstate: the five-character SQLSTATE when one was available, else ``None``.
+    :ivar reason: a short, secret-free explanation (the rule that matched).
+    :ivar server_wide: the failure says the whole server went away (crash, shutdown, failover),
+        so every pooled connection older than it is suspect.
+    """
+
+    kind: ErrorKind
+    sqlstate: str | None = None
+    reason: str = ""
+    server_wide: bool = False
+
+    @property
+    def retryable(self) -> bool:
+        """True when running the transaction (or the connect) again may succeed."""
+        return self.kind in _RETRYABLE
+
+    @property
+    def connection_unusable(self) -> bool:
+        """True when the connection that raised this must be discarded."""
+        return self.kind in _CONNECTION_UNUSABLE
+
+
+# SQLSTATE -> (kind, server_wide). Exact codes first, then two-character classes.
+_SQLSTATE_EXACT: dict[str, tuple[ErrorKind, bool]] = {
+    "08001": (ErrorKind.UNAVAILABLE, False),
+    "08004": (ErrorKind.UNAVAILABLE, False),
+    "08007": (ErrorKind.COMMIT_OUTCOME_UNKNOWN, False),
+    "40001": (ErrorKind.TRANSACTION_CONFLICT, False),
+    "40P01": (ErrorKind.TRANSACTION_CONFLICT, False),
+    "40003": (ErrorKind.COMMIT_OUTCOME_UNKNOWN, False),
+    "55P03": (ErrorKind.TRANSACTION_CONFLICT, False),
+    "55006": (ErrorKind.TRANSACTION_CONFLICT, False),
+    "57P01": (ErrorKind.DISCONNECT, False),  # pg_terminate_backend *or* fast shutdown
+    "57P02": (ErrorKind.DISCONNECT, True),  # crash of another backend: all sessions killed
+    "57P03": (ErrorKind.UNAVAILABLE, True),
+    "57P04": (ErrorKind.PERMANENT, False),
+    "57P05": (ErrorKind.DISCONNECT, False),
+    "57014": (ErrorKind.TIMEOUT, False),
+    "25006": (ErrorKind.UNAVAILABLE, True),  # read-only: this server is (now) a standby
+    "25P03": (ErrorKind.DISCONNECT, False),
+    "58000": (ErrorKind.RESOURCE_EXHAUSTED, False),
+    "58030": (ErrorKind.RESOURCE_EXHAUSTED, False),
+    "3D000": (ErrorKind.PERMANENT, False),
+}
+_SQLSTATE_CLASS: dict[str, ErrorKind] = {
+    "08": ErrorKind.DISCONNECT,
+    "53": ErrorKind.RESOURCE_EXHAUSTED,
+    "28": ErrorKind.PERMANENT,
+}
+
+# PgBouncer reports every pooler error as 08P01; tell them apart by text (src/proto.c).
+_PGBOUNCER_MESSAGES: tuple[tuple[str, ErrorKind], ...] = (
+    ("query_wait_timeout", ErrorKind.RESOURCE_EXHAUSTED),
+    ("no more connections allowed", ErrorKind.RESOURCE_EXHAUSTED),
+    ("pgbouncer cannot connect to server", ErrorKind.UNAVAILABLE),
+    ("server login has been failing", ErrorKind.UNAVAILABLE),
+    ("server_login_retry", ErrorKind.UNAVAILABLE),
+    ("database shutting down", ErrorKind.UNAVAILABLE),
+    ("pgbouncer is shutting down", ErrorKind.UNAVAILABLE),
+    ("server conn crashed", ErrorKind.DISCONNECT),
+    ("client_idle_timeout", ErrorKind.DISCONNECT),
+    ("idle transaction timeout", ErrorKind.DISCONNECT),
+    ("client_login_timeout", ErrorKind.UNAVAILABLE),
+    ("query_timeout", ErrorKind.TIMEOUT),
+    ("no such user", ErrorKind.PERMANENT),
+    ("no such database", ErrorKind.PERMANENT),
+    ("password authentication failed", ErrorKind.PERMANENT),
+)
+
+# libpq / psycopg / asyncpg texts for failures that carry no SQLSTATE. Order matters: the
+# permanent connect failures are checked before the generic "connection failed".
+_MESSAGES: tuple[tuple[str, ErrorKind, bool], ...] = (
+    ("password authentication failed", ErrorKind.PERMANENT, False),
+    ("no password supplied", ErrorKind.PERMANENT, False),
+    ("authentication failed", ErrorKind.PERMANENT, False),
+    ("no pg_hba.conf entry", ErrorKind.PERMANENT, False),
+    ("does not exist", ErrorKind.PERMANENT, False),  # role / database "x" does not exist
+    ("invalid connection option", ErrorKind.PERMANENT, False),
+    ("invalid dsn", ErrorKind.PERMANENT, False),
+    ("too many connections", ErrorKind.RESOURCE_EXHAUSTED, False),
+    ("remaining connection slots are reserved", ErrorKind.RESOURCE_EXHAUSTED, False),
+    ("the database system is starting up", ErrorKind.UNAVAILABLE, True),
+    ("the database system is shutting down", ErrorKind.UNAVAILABLE, True),
+    ("the database system is in recovery mode", ErrorKind.UNAVAILABLE, True),
+    ("not yet accepting connections", ErrorKind.UNAVAILABLE, True),
+    ("connection refused", ErrorKind.UNAVAILABLE, True),
+    ("could not translate host name", ErrorKind.UNAVAILABLE, False),
+    ("connection timeout expired", ErrorKind.UNAVAILABLE, False),
+    ("timeout expired", ErrorKind.UNAVAILABLE, False),
+    ("connect call failed", ErrorKind.UNAVAILABLE, True),
+    ("server closed the connection unexpectedly", ErrorKind.DISCONNECT, True),
+    ("terminating connection", ErrorKind.DISCONNECT, False),
+    ("connection was closed in the middle of operation", ErrorKind.DISCONNECT, False),
+    ("consuming input failed", ErrorKind.DISCONNECT, False),
+    ("sending query failed", ErrorKind.DISCONNECT, False),
+    ("could not receive data from server", ErrorKind.DISCONNECT, False),
+    ("could not send data to server", ErrorKind.DISCONNECT, False),
+    ("ssl connection has been closed unexpectedly", ErrorKind.DISCONNECT, False),
+    ("ssl syscall error", ErrorKind.DISCONNECT, False),
+    ("lost synchronization with server", ErrorKind.DISCONNECT, False),
+    ("connection is closed", ErrorKind.DISCONNECT, False),
+    ("connection is lost", ErrorKind.DISCONNECT, False),
+    ("connection reset", ErrorKind.DISCONNECT, False),
+    ("broken pipe", ErrorKind.DISCONNECT, False),
+    ("connection failed", ErrorKind.UNAVAILABLE, False),
+    ("could not connect to server", ErrorKind.UNAVAILABLE, False),
+)
+
+_MAX_CHAIN = 8
+
+
+def _sqlstate_of(exc: BaseException) -> str | None:
+    for attr in ("sqlstate", "pgcode"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, str) and len(value) == 5:
+            return value
+    return None
+
+
+def _from_sqlstate(sqlstate: str, message: str) -> Classification:
+    if sqlstate == "08P01":
+        lowered = message.lower()
+        for needle, kind in _PGBOUNCER_MESSAGES:
+            if needle in lowered:
+                return Classification(kind, sqlstate, f"pgbouncer: {needle}")
+        return Classification(ErrorKind.DISCONNECT, sqlstate, "protocol violation")
+    exact = _SQLSTATE_EXACT.get(sqlstate)
+    if exact is not None:
+        return Classification(exact[0], sqlstate, f"sqlstate {sqlstate}", exact[1])
+    by_class = _SQLSTATE_CLASS.get(sqlstate[:2])
+    if by_class is not None:
+        return Classification(by_class, sqlstate, f"sqlstate class {sqlstate[:2]}")
+    return Classification(ErrorKind.APPLICATION, sqlstate, f"sqlstate {sqlstate}")
+
+
+def _from_os_error(exc: OSError) -> Classification:
+    if isinstance(exc, ConnectionRefusedError):
+        return Classification(ErrorKind.UNAVAILABLE, None, "connection refused", True)
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        # asyncpg raises ConnectionResetError("Connect call failed") while connecting.
+        if "connect call failed" in str(exc).lower():
+            return Classification(ErrorKind.UNAVAILABLE, None, "connect call failed", True)
+        return Classification(ErrorKind.DISCONNECT, None, type(exc).__name__)
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return Classification(ErrorKind.DISCONNECT, None, "ssl eof")
+    if isinstance(exc, socket.gaierror):
+        return Classification(ErrorKind.UNAVAILABLE, None, "name resolution failed")
+    if isinstance(exc, TimeoutError):
+        return Classification(ErrorKind.DISCONNECT, None, "socket timeout")
+    return Classification(ErrorKind.UNAVAILABLE, None, f"os error {exc.errno}")
+
+
+def _from_message(message: str) -> Classification | None:
+    lowered = message.lower()
+    for needle, kind, server_wide in _MESSAGES:
+        if needle in lowered:
+            return Classification(kind, None, needle, server_wide)
+    return None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(seen) < _MAX_CHAIN and current not in seen:
+        seen.append(current)
+        orig = getattr(current, "orig", None)
+        if isinstance(orig, BaseException) and orig is not current:
+            current = orig
+        else:
+            # Explicit causes only: __context__ would be whatever was being handled when this
+            # was raised (a retry's previous failure), not what caused it.
+            current = current.__cause__
+    return seen
+
+
+def classify(exc: BaseException) -> Classification:
+    """Classify ``exc`` (a SQLAlchemy, driver or OS exception) into the taxonomy.
+
+    Pure function: no I/O, no side effects. Exceptions classified by an earlier call (our own
+    :class:`~dbresilience.ResilienceError` subclasses) keep their classification.
+    """
+    chain = _chain(exc)
+    for e in chain:
+        known = getattr(e, "classification", None)
+        if isinstance(known, Classification):
+            return known
+    for e in chain:
+        sqlstate = _sqlstate_of(e)
+        if sqlstate is not None:
+            return _from_sqlstate(sqlstate, str(e))
+    for e in chain:
+        if isinstance(e, OSError) and type(e).__module__ in ("builtins", "ssl", "socket"):
+            return _from_os_error(e)
+    for e in chain:
+        found = _from_message(str(e))
+        if found is not None:
+            return found
+    return Classification(ErrorKind.APPLICATION, None, type(chain[-1]).__name__)

@@ -1,0 +1,290 @@
+"""Engine hooks: the SQLAlchemy event listeners that make an engine resilient.
+
+:func:`install` registers, on one engine only:
+
+* ``do_connect`` - psycopg network defaults (timeouts, keepalives) and connect retries with
+  backoff through tenacity, bounded by :attr:`Policy.connect_deadline`;
+* pool ``checkout``/``checkin`` - cheap stale-connection detection (no ping per checkout);
+* ``handle_error`` - classification, invalidation and re-raising as dbresilience errors;
+* ``do_execute``/``do_execute_no_params``/``do_executemany`` - replay of the first statement of
+  a transaction that failed only because the connection was already dead;
+* a wrapper around the dialect's ``do_commit`` so a connection lost during COMMIT is reported
+  as :class:`CommitOutcomeUnknown`, never as a plain disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import tenacity
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect, ExceptionContext
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.util import await_only
+
+from dbresilience._classification import Classification, ErrorKind, classify
+from dbresilience._drivers import Driver, driver_for
+from dbresilience._errors import ConfigurationError, wrap
+from dbresilience._observability import Stats
+from dbresilience._policy import Policy
+from dbresilience._redaction import mask_url
+from dbresilience._retrying import retry_kwargs
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["EngineResilience", "get_stats", "install", "resilience_of"]
+
+_LAST_USED = "dbresilience_last_used"
+_DURING_COMMIT = "_dbresilience_during_commit"
+IDEMPOTENT_OPTION = "dbresilience_idempotent"
+
+_installed: weakref.WeakKeyDictionary[Engine, EngineResilience] = weakref.WeakKeyDictionary()
+
+_CONNECT_RETRY_KINDS = frozenset(
+    {ErrorKind.UNAVAILABLE, ErrorKind.RESOURCE_EXHAUSTED, ErrorKind.DISCONNECT}
+)
+
+
+def _connect_retryable(exc: BaseException) -> bool:
+    return classify(exc).kind in _CONNECT_RETRY_KINDS
+
+
+def during_commit(exc: BaseException) -> bool:
+    """True when ``exc`` (or the driver error it wraps) was raised by COMMIT."""
+    orig = getattr(exc, "orig", None)
+    return bool(getattr(exc, _DURING_COMMIT, False) or getattr(orig, _DURING_COMMIT, False))
+
+
+class EngineResilience:
+    """Per-engine state and listeners. One instance per resilient engine."""
+
+    def __init__(self, engine: Engine, policy: Policy) -> None:
+        self.policy = policy
+        self.driver: Driver = driver_for(engine.dialect.driver)
+        self.name = mask_url(engine.url)
+        self.stats = Stats(self.name)
+        self.is_async = bool(engine.dialect.is_async)
+        self.engine_ref = weakref.ref(engine)
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep without blocking an event loop when the engine is async (greenlet context)."""
+        if self.is_async:
+            await_only(asyncio.sleep(seconds))
+        else:
+            time.sleep(seconds)
+
+    # -- connect -----------------------------------------------------------------------------
+
+    def on_do_connect(
+        self, dialect: Dialect, conn_rec: ConnectionPoolEntry, cargs: Any, cparams: dict[str, Any]
+    ) -> DBAPIConnection:
+        self.driver.apply_network_defaults(cparams, self.policy)
+        policy = self.policy
+        retrying = tenacity.Retrying(
+            sleep=self.sleep,
+            **retry_kwargs(
+                "connect",
+                attempts=1_000_000,  # bounded by the deadline
+                deadline=policy.connect_deadline,
+                wait_initial=policy.connect_wait_initial,
+                wait_max=policy.connect_wait_max,
+                stats=self.stats,
+                retry_if=_connect_retryable,
+            ),
+        )
+        connection: DBAPIConnection = retrying(dialect.connect, *cargs, **cparams)
+        return connection
+
+    # -- stale-connection detection ----------------------------------------------------------
+
+    def on_checkin(self, dbapi_conn: DBAPIConnection | None, record: ConnectionPoolEntry) -> None:
+        record.info[_LAST_USED] = time.monotonic()
+
+    def on_checkout(
+        self, dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+    ) -> None:
+        last_used = record.info.get(_LAST_USED)
+        if last_used is None or time.monotonic() - last_used < self.policy.liveness_window:
+            return  # brand new, or used a moment ago
+        if not self.driver.looks_dead(dbapi_conn):
+            return
+        # Readable while idle: usually FATAL + EOF from the server; rarely a NOTIFY. Confirm.
+        engine = self.engine_ref()
+        alive = False
+        if engine is not None:
+            try:
+                alive = bool(engine.dialect.do_ping(dbapi_conn))
+            except Exception:
+                alive = False
+        if not alive:
+            self.stats.incr("checkout.dead")
+            raise sa_exc.DisconnectionError(
+                "dbresilience: pooled connection found dead at checkout"
+            )
+
+    # -- errors ------------------------------------------------------------------------------
+
+    def on_handle_error(self, ctx: ExceptionContext) -> BaseException | None:
+        if ctx.is_pre_ping:
+            return None
+        original = ctx.original_exception
+        found = classify(original)
+        if during_commit(original) and found.connection_unusable:
+            found = Classification(
+                ErrorKind.COMMIT_OUTCOME_UNKNOWN,
+                found.sqlstate,
+                f"connection lost during COMMIT ({found.reason})",
+            )
+        if found.kind is ErrorKind.APPLICATION:
+            return None
+        if found.connection_unusable:
+            ctx.is_disconnect = True
+        self.stats.incr(f"error.{found.kind.value}")
+        sa_error = ctx.sqlalchemy_exception
+        if not isinstance(sa_error, sa_exc.DBAPIError):
+            return None
+        return wrap(sa_error, found, connection_invalidated=ctx.is_disconnect)
+
+    # -- first-statement replay --------------------------------------------------------------
+
+    def on_do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        self._execute(cursor, context, "execute", (statement, parameters))
+        return True
+
+    def on_do_execute_no_params(self, cursor: Any, statement: str, context: Any) -> bool:
+        self._execute(cursor, context, "execute", (statement,))
+        return True
+
+    def on_do_executemany(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        self._execute(cursor, context, "executemany", (statement, parameters))
+        return True
+
+    def _execute(self, cursor: Any, context: Any, method: str, args: tuple[Any, ...]) -> None:
+        raw = context._dbapi_connection.dbapi_connection
+        driver = self.driver
+        # Read *before* executing: afterwards a broken connection reports nothing useful.
+        replayable = driver.transaction_idle(raw) and (
+            not driver.autocommit(raw) or bool(context.execution_options.get(IDEMPOTENT_OPTION))
+        )
+        try:
+            getattr(cursor, method)(*args)
+            return
+        except Exception as exc:
+            if not replayable:
+                raise
+            found = classify(exc)
+            if found.kind is not ErrorKind.DISCONNECT:
+                raise
+            new_cursor = self._reconnect(context, exc, found)
+        getattr(new_cursor, method)(*args)
+        context.cursor = new_cursor
+
+    def _reconnect(self, context: Any, exc: BaseException, found: Classification) -> Any:
+        """Swap a fresh DBAPI connection under the caller's Connection; return a new cursor.
+
+        Mirrors what SQLAlchemy's pool does for a connection found dead at checkout
+        (``_ConnectionFairy._checkout``): invalidate the record, then reconnect it in place.
+        """
+        self.stats.retry("statement", 1, 0.0, found)
+        fairy = context._dbapi_connection
+        record = fairy._connection_record
+        connection = context.root_connection
+        # Like SQLAlchemy's default for disconnects: connections older than this one are
+        # suspect too (a restart kills them all); they are recycled at their next checkout.
+        connection.engine.pool._invalidate(fairy, exc, _checkin=False)
+        record.invalidate(exc)
+        fairy.dbapi_connection = record.get_connection()
+        dialect = connection.dialect
+        options = connection._execution_options
+        for name in set(dialect.connection_characteristics).intersection(options):
+            dialect.connection_characteristics[name].set_connection_characteristic(
+                dialect, connection, fairy.dbapi_connection, options[name]
+            )
+        self.stats.incr("replay.statement")
+        return context.create_cursor()
+
+    # -- commit ------------------------------------------------------------------------------
+
+    def wrap_do_commit(self, dialect: Dialect) -> None:
+        original: Callable[[Any], None] = dialect.do_commit
+
+        def do_commit(dbapi_connection: Any) -> None:
+            try:
+                original(dbapi_connection)
+            except Exception as exc:
+                with contextlib.suppress(AttributeError):  # exception types with __slots__
+                    setattr(exc, _DURING_COMMIT, True)
+                raise
+
+        dialect.do_commit = do_commit  # type: ignore[method-assign]
+
+
+def _check_engine(engine: Engine) -> None:
+    if engine.dialect.name != "postgresql":
+        raise ConfigurationError(
+            f"dbresilience supports PostgreSQL only, not {engine.dialect.name!r} "
+            f"(engine {mask_url(engine.url)})"
+        )
+    driver_for(engine.dialect.driver)  # ValueError naming the driver if unsupported
+
+
+def _sync_engine(engine: Engine | AsyncEngine) -> Engine:
+    # Duck-typed so that importing dbresilience never needs sqlalchemy.ext.asyncio (greenlet).
+    sync: Engine = getattr(engine, "sync_engine", None) or engine  # type: ignore[assignment]
+    return sync
+
+
+def install(engine: Engine | AsyncEngine, policy: Policy | None = None) -> EngineResilience:
+    """Make an existing engine resilient; return its :class:`EngineResilience` state.
+
+    Installing twice on the same engine raises :class:`ConfigurationError`.
+    """
+    sync_engine = _sync_engine(engine)
+    if not isinstance(sync_engine, Engine):
+        raise ConfigurationError(f"install() needs an Engine or AsyncEngine, got {engine!r}")
+    _check_engine(sync_engine)
+    if sync_engine in _installed:
+        raise ConfigurationError(
+            f"dbresilience is already installed on {mask_url(sync_engine.url)}"
+        )
+    if policy is not None and not isinstance(policy, Policy):
+        raise ConfigurationError(f"policy must be a dbresilience.Policy, got {policy!r}")
+    state = EngineResilience(sync_engine, policy or Policy())
+    event.listen(sync_engine, "do_connect", state.on_do_connect)
+    event.listen(sync_engine, "checkout", state.on_checkout)
+    event.listen(sync_engine, "checkin", state.on_checkin)
+    event.listen(sync_engine, "handle_error", state.on_handle_error)
+    if state.policy.replay_first_statement:
+        event.listen(sync_engine, "do_execute", state.on_do_execute)
+        event.listen(sync_engine, "do_execute_no_params", state.on_do_execute_no_params)
+        event.listen(sync_engine, "do_executemany", state.on_do_executemany)
+    state.wrap_do_commit(sync_engine.dialect)
+    _installed[sync_engine] = state
+    return state
+
+
+def resilience_of(engine: Engine | AsyncEngine) -> EngineResilience:
+    """The :class:`EngineResilience` of a resilient engine; ``ValueError`` if there is none."""
+    sync_engine = _sync_engine(engine)
+    try:
+        return _installed[sync_engine]
+    except KeyError:
+        raise ConfigurationError(
+            f"{mask_url(sync_engine.url)} is not a resilient engine: "
+            "use create_resilient_engine() or install()"
+        ) from None
+
+
+def get_stats(engine: Engine | AsyncEngine) -> dict[str, int]:
+    """Counters of a resilient engine (retries, replays, errors by kind...)."""
+    return resilience_of(engine).stats.snapshot()

@@ -1,0 +1,213 @@
+"""The exceptions dbresilience raises.
+
+Every error we raise is *both* one of ours and the SQLAlchemy exception the application would
+have got without us, so existing ``except sqlalchemy.exc.OperationalError`` clauses keep
+working. The driver's exception stays available as ``.orig`` and ``__cause__``::
+
+    ConfigurationError                    bad URL / driver / policy (ValueError, ArgumentError)
+
+    ResilienceError                       (mixin base; .classification)
+    ├── DisconnectError                   connection lost: 57P01, reset, EOF...
+    ├── DatabaseUnavailable               cannot connect: refused, 57P03, 25006
+    │   └── CircuitOpen                   failing fast while the circuit breaker is open
+    ├── TransactionConflict               40001, 40P01, 55P03
+    ├── ResourceExhausted                 53xxx, PgBouncer query_wait_timeout
+    ├── StatementTimeout                  57014
+    ├── CommitOutcomeUnknown              COMMIT sent, outcome could not be verified
+    └── PermanentError                    auth failure, no such database
+
+A raised instance is of a class combining one of these with a SQLAlchemy class, for example
+``DisconnectError`` + :class:`sqlalchemy.exc.OperationalError`; see :func:`wrap`.
+Errors of kind ``application`` (constraint violations, syntax...) are never wrapped.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, ClassVar
+
+from sqlalchemy import exc as sa_exc
+
+from dbresilience._classification import Classification, ErrorKind, classify
+
+__all__ = [
+    "CircuitOpen",
+    "CommitOutcomeUnknown",
+    "ConfigurationError",
+    "DatabaseUnavailable",
+    "DisconnectError",
+    "PermanentError",
+    "ResilienceError",
+    "ResourceExhausted",
+    "StatementTimeout",
+    "TransactionConflict",
+    "error_class_for",
+    "make_error",
+    "wrap",
+]
+
+
+class ConfigurationError(ValueError, sa_exc.ArgumentError):
+    """Bad input to dbresilience: URL, driver, policy or engine. Names the problem."""
+
+
+class ResilienceError(Exception):
+    """Base of every dbresilience error; carries the :class:`Classification`."""
+
+    kind: ClassVar[ErrorKind]
+    classification: Classification
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the failed unit of work may be run again."""
+        return self.classification.retryable
+
+    @property
+    def sqlstate(self) -> str | None:
+        """SQLSTATE of the underlying server error, if any."""
+        return self.classification.sqlstate
+
+
+class DisconnectError(ResilienceError):
+    """The connection was lost; the transaction in flight is gone (it did not commit)."""
+
+    kind = ErrorKind.DISCONNECT
+
+
+class DatabaseUnavailable(ResilienceError):
+    """No usable server: refused, starting up, in recovery, or read-only after a failover."""
+
+    kind = ErrorKind.UNAVAILABLE
+
+
+class CircuitOpen(DatabaseUnavailable):
+    """The engine's circuit breaker is open: failing fast without touching the network."""
+
+
+class TransactionConflict(ResilienceError):
+    """Serialization failure, deadlock or lock timeout: run the whole transaction again."""
+
+    kind = ErrorKind.TRANSACTION_CONFLICT
+
+
+class ResourceExhausted(ResilienceError):
+    """The server (or PgBouncer) is out of connections, memory or disk: back off."""
+
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+
+
+class StatementTimeout(ResilienceError):
+    """The statement was cancelled (statement_timeout or a cancel request)."""
+
+    kind = ErrorKind.TIMEOUT
+
+
+class CommitOutcomeUnknown(ResilienceError):
+    """COMMIT was sent but the connection died and the outcome could not be verified.
+
+    The transaction may or may not have committed. It was *not* run again.
+    """
+
+    kind = ErrorKind.COMMIT_OUTCOME_UNKNOWN
+
+
+class PermanentError(ResilienceError):
+    """A failure retrying cannot fix: bad credentials, missing database, dropped database."""
+
+    kind = ErrorKind.PERMANENT
+
+
+_BY_KIND: dict[ErrorKind, type[ResilienceError]] = {
+    cls.kind: cls
+    for cls in (
+        DisconnectError,
+        DatabaseUnavailable,
+        TransactionConflict,
+        ResourceExhausted,
+        StatementTimeout,
+        CommitOutcomeUnknown,
+        PermanentError,
+    )
+}
+
+
+_combined: dict[tuple[type[ResilienceError], type[sa_exc.DBAPIError]], type[Any]] = {}
+_combined_lock = threading.Lock()
+
+
+def error_class_for(ours: type[ResilienceError], theirs: type[sa_exc.DBAPIError]) -> type[Any]:
+    """The class combining ``ours`` with SQLAlchemy's ``theirs`` (made once per pair)."""
+    key = (ours, theirs)
+    cls = _combined.get(key)
+    if cls is None:
+        with _combined_lock:
+            cls = _combined.get(key)
+            if cls is None:
+                name = ours.__name__
+                cls = type(
+                    name, (ours, theirs), {"__module__": "dbresilience", "__qualname__": name}
+                )
+                _combined[key] = cls
+    return cls
+
+
+def wrap(
+    error: sa_exc.DBAPIError,
+    classification: Classification | None = None,
+    *,
+    ours: type[ResilienceError] | None = None,
+    connection_invalidated: bool | None = None,
+) -> sa_exc.DBAPIError:
+    """Return ``error`` re-made as a dbresilience error of its kind, or ``error`` itself.
+
+    The result is an instance of ``type(error)`` *and* of the dbresilience class for its kind.
+    Application errors (and errors already wrapped) are returned unchanged.
+    """
+    if isinstance(error, ResilienceError):
+        return error
+    found = classification or classify(error)
+    if ours is None:
+        if found.kind is ErrorKind.APPLICATION:
+            return error
+        ours = _BY_KIND[found.kind]
+    cls = error_class_for(ours, type(error))
+    new: sa_exc.DBAPIError = cls(
+        error.statement,
+        error.params,
+        error.orig,
+        hide_parameters=error.hide_parameters,
+        connection_invalidated=(
+            error.connection_invalidated
+            if connection_invalidated is None
+            else connection_invalidated
+        ),
+        code=error.code,
+        ismulti=error.ismulti,
+    )
+    new.classification = found  # type: ignore[attr-defined]
+    return new
+
+
+def make_error(
+    ours: type[ResilienceError],
+    message: str,
+    classification: Classification,
+    *,
+    base: type[sa_exc.DBAPIError] = sa_exc.OperationalError,
+    cause: BaseException | None = None,
+    statement: str | None = None,
+) -> sa_exc.DBAPIError:
+    """Build one of our errors that did not come from a driver exception (e.g. circuit open)."""
+    orig = cause if isinstance(cause, Exception) else _Reason(message)
+    cls = error_class_for(ours, base)
+    new: sa_exc.DBAPIError = cls(statement, None, orig, code=None)
+    if not isinstance(orig, _Reason):
+        new.add_detail(message)
+    new.classification = classification  # type: ignore[attr-defined]
+    return new
+
+
+class _Reason(Exception):
+    """Stands in as ``.orig`` for errors dbresilience raises without a driver error."""
+
+    __module__ = "dbresilience"

@@ -1,0 +1,106 @@
+"""The policy: every tunable of dbresilience, validated, in one frozen object.
+
+All durations are in **seconds** (floats). Waits between attempts use exponential backoff with
+full jitter: attempt *n* sleeps ``uniform(0, min(wait_max, wait_initial * 2**n))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+__all__ = ["Policy"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Policy:
+    """How a resilient engine connects, detects dead connections and retries.
+
+    Connecting (new connections, for every checkout that needs one):
+
+    :param connect_timeout: libpq ``connect_timeout`` per host and attempt (libpq's minimum is
+        2 s). Default 5 s: a reachable server answers in milliseconds; 5 s rides out a SYN lost
+        once, without letting a blackholed host eat the whole connect deadline.
+    :param connect_deadline: total time spent retrying a refused / starting-up connect before
+        the error reaches the caller. Default 10 s: longer than a typical restart (1-3 s) or
+        automated failover of a small cluster, short enough for an HTTP request budget.
+    :param connect_wait_initial: first backoff step between connect attempts. Default 0.02 s.
+    :param connect_wait_max: cap of the connect backoff. Default 0.25 s, so a server that comes
+        back is noticed within about a quarter of a second.
+
+    Dead-connection detection:
+
+    :param liveness_window: a pooled connection used less than this long ago is handed out
+        without any check (HikariCP uses 0.5 s, Rails 2 s). Older ones get a zero-round-trip
+        socket check (a socket with unread bytes while idle means the server hung up; only
+        then is a real ping sent). Default 0.5 s.
+    :param replay_first_statement: when the first statement of a transaction fails because the
+        connection was already dead, reconnect and run that statement once more. Never done in
+        autocommit mode unless the execution is marked ``dbresilience_idempotent=True``.
+        Default True.
+
+    Network defaults applied to psycopg connections unless the URL / ``connect_args`` set them:
+
+    :param keepalives_idle: idle time before the first TCP keepalive probe. Default 10 s.
+    :param keepalives_interval: time between unanswered probes. Default 5 s.
+    :param keepalives_count: unanswered probes before the kernel drops the connection.
+        Default 3: a silently dead idle peer is noticed after about 10 + 3 * 5 = 25 s.
+    :param tcp_user_timeout: how long sent data may stay unacknowledged before the kernel drops
+        the connection (libpq ``tcp_user_timeout``). Default 30 s.
+
+    Retrying whole transactions (``run_transaction``):
+
+    :param attempts: total attempts including the first. Default 10.
+    :param deadline: overall budget for all attempts and waits. Default 30 s.
+    :param wait_initial: first backoff step. Default 0.05 s.
+    :param wait_max: backoff cap. Default 1 s.
+    :param verify_commits: record the transaction id before COMMIT and, if the connection dies
+        during COMMIT, ask the server whether it committed instead of guessing. Default True.
+    :param commit_check_timeout: bound for resolving one ambiguous commit (reconnect and ask,
+        waiting while the transaction is still "in progress"). Default 10 s.
+    """
+
+    connect_timeout: float = 5.0
+    connect_deadline: float = 10.0
+    connect_wait_initial: float = 0.02
+    connect_wait_max: float = 0.25
+    liveness_window: float = 0.5
+    replay_first_statement: bool = True
+    keepalives_idle: float = 10.0
+    keepalives_interval: float = 5.0
+    keepalives_count: int = 3
+    tcp_user_timeout: float = 30.0
+    attempts: int = 10
+    deadline: float = 30.0
+    wait_initial: float = 0.05
+    wait_max: float = 1.0
+    verify_commits: bool = True
+    commit_check_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"Policy.{f.name} must be a bool, got {value!r}")
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"Policy.{f.name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"Policy.{f.name} must be finite, got {value!r}")
+            if f.type in ("int", int):
+                if not isinstance(value, int) or value < 1:
+                    raise ValueError(f"Policy.{f.name} must be an integer >= 1, got {value!r}")
+            elif value < 0:
+                raise ValueError(f"Policy.{f.name} must be >= 0 seconds, got {value!r}")
+        if self.connect_timeout < 2:
+            raise ValueError(
+                f"Policy.connect_timeout must be >= 2 seconds (libpq's minimum), "
+                f"got {self.connect_timeout!r}"
+            )
+        if self.connect_wait_max < self.connect_wait_initial:
+            raise ValueError("Policy.connect_wait_max must be >= connect_wait_initial")
+        if self.wait_max < self.wait_initial:
+            raise ValueError("Policy.wait_max must be >= wait_initial")
+        if self.deadline <= 0:
+            raise ValueError(f"Policy.deadline must be > 0 seconds, got {self.deadline!r}")

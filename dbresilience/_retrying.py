@@ -1,0 +1,102 @@
+"""Retry construction shared by connect retries, transaction retries and commit checks.
+
+All retries go through tenacity with exponential backoff and full jitter
+(``wait_random_exponential``), an attempt cap and an overall deadline; the last wait is cut
+so that it never sleeps past the deadline. :func:`set_testing` removes the sleeps (and can cap
+attempts) for users' test suites, like ``stamina.set_testing``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import tenacity
+
+from dbresilience._classification import classify
+from dbresilience._observability import Stats
+
+__all__ = ["is_testing", "retry_kwargs", "set_testing"]
+
+_testing: bool = False
+_testing_attempts: int | None = None
+
+
+def set_testing(
+    testing: bool, *, attempts: int | None = None
+) -> contextlib.AbstractContextManager[None]:
+    """Turn backoff sleeps off (``testing=True``) or on again, for tests of applications.
+
+    :param attempts: when testing, cap every retry loop at this many attempts (``None``: keep
+        the policy's value).
+
+    Usable as a plain call or as a context manager that restores the previous state::
+
+        with dbresilience.set_testing(True, attempts=2):
+            ...
+    """
+    global _testing, _testing_attempts
+    previous = (_testing, _testing_attempts)
+    if attempts is not None and attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts!r}")
+    _testing, _testing_attempts = testing, attempts if testing else None
+
+    @contextlib.contextmanager
+    def restore() -> Iterator[None]:
+        global _testing, _testing_attempts
+        try:
+            yield
+        finally:
+            _testing, _testing_attempts = previous
+
+    return restore()
+
+
+def is_testing() -> bool:
+    """True while :func:`set_testing` has turned sleeps off."""
+    return _testing
+
+
+class _Wait(tenacity.wait.wait_base):
+    """Full-jitter exponential wait, never past the deadline, zero while testing."""
+
+    def __init__(self, initial: float, maximum: float, deadline: float) -> None:
+        self._inner = tenacity.wait_random_exponential(multiplier=initial, max=maximum)
+        self._deadline = deadline
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        if _testing:
+            return 0.0
+        elapsed = retry_state.seconds_since_start or 0.0
+        return max(0.0, min(self._inner(retry_state), self._deadline - elapsed))
+
+
+def retry_kwargs(
+    what: str,
+    *,
+    attempts: int,
+    deadline: float,
+    wait_initial: float,
+    wait_max: float,
+    stats: Stats,
+    retry_if: Callable[[BaseException], bool],
+) -> dict[str, Any]:
+    """Keyword arguments for ``tenacity.Retrying`` / ``AsyncRetrying`` (one config, both)."""
+    if _testing and _testing_attempts is not None:
+        attempts = min(attempts, _testing_attempts)
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        outcome = state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        if exc is not None:
+            wait = state.next_action.sleep if state.next_action is not None else 0.0
+            stats.retry(what, state.attempt_number, wait, classify(exc))
+
+    return {
+        "stop": tenacity.stop_after_attempt(attempts) | tenacity.stop_after_delay(deadline),
+        "wait": _Wait(wait_initial, wait_max, deadline),
+        "retry": tenacity.retry_if_exception(retry_if),
+        "before_sleep": before_sleep,
+        "reraise": True,
+    }

