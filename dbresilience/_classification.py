@@ -144,6 +144,7 @@ _MESSAGES: tuple[tuple[str, ErrorKind, bool], ...] = (
     ("invalid connection option", ErrorKind.PERMANENT, False),
     ("invalid dsn", ErrorKind.PERMANENT, False),
     ("too many connections", ErrorKind.RESOURCE_EXHAUSTED, False),
+    ("too many clients", ErrorKind.RESOURCE_EXHAUSTED, False),
     ("remaining connection slots are reserved", ErrorKind.RESOURCE_EXHAUSTED, False),
     ("the database system is starting up", ErrorKind.UNAVAILABLE, True),
     ("the database system is shutting down", ErrorKind.UNAVAILABLE, True),

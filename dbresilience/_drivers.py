@@ -23,6 +23,10 @@ class Driver:
     def apply_network_defaults(self, cparams: dict[str, Any], policy: Any) -> None:
         """Fill in connect parameters that bound waits, unless the user set them."""
 
+    def closed(self, dbapi_conn: Any) -> bool:
+        """True when the driver already knows the connection is closed or broken (no I/O)."""
+        return False
+
     def looks_dead(self, dbapi_conn: Any) -> bool:
         """Zero-round-trip check: True when the server has (probably) hung up."""
         return False
@@ -64,6 +68,9 @@ class _Psycopg(Driver):
             pgconn = dbapi_conn._connection.pgconn
         return pgconn
 
+    def closed(self, dbapi_conn: Any) -> bool:
+        return bool(self._pgconn(dbapi_conn).status != 0)  # CONNECTION_OK == 0
+
     def looks_dead(self, dbapi_conn: Any) -> bool:
         pgconn = self._pgconn(dbapi_conn)
         if pgconn.status != 0:  # CONNECTION_OK == 0
@@ -79,6 +86,9 @@ class _Psycopg(Driver):
 
 class _Asyncpg(Driver):
     name = "asyncpg"
+
+    def closed(self, dbapi_conn: Any) -> bool:
+        return bool(dbapi_conn._connection.is_closed())
 
     def looks_dead(self, dbapi_conn: Any) -> bool:
         # asyncpg's protocol notices EOF by itself and flips is_closed().

@@ -8,8 +8,9 @@
 * ``handle_error`` - classification, invalidation and re-raising as dbresilience errors;
 * ``do_execute``/``do_execute_no_params``/``do_executemany`` - replay of the first statement of
   a transaction that failed only because the connection was already dead;
-* a wrapper around the dialect's ``do_commit`` so a connection lost during COMMIT is reported
-  as :class:`CommitOutcomeUnknown`, never as a plain disconnect.
+* wrappers around the dialect's ``do_commit`` (a connection lost during COMMIT is reported as
+  :class:`CommitOutcomeUnknown`, never as a plain disconnect) and ``do_rollback`` (a rollback
+  on a dead connection is moot: the server already discarded the transaction).
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ class EngineResilience:
     def on_checkout(
         self, dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
     ) -> None:
+        if self.driver.closed(dbapi_conn):
+            self.stats.incr("checkout.dead")
+            raise sa_exc.DisconnectionError("dbresilience: pooled connection is closed")
         last_used = record.info.get(_LAST_USED)
         if last_used is None or time.monotonic() - last_used < self.policy.liveness_window:
             return  # brand new, or used a moment ago
@@ -213,20 +217,41 @@ class EngineResilience:
         self.stats.incr("replay.statement")
         return context.create_cursor()
 
-    # -- commit ------------------------------------------------------------------------------
+    # -- commit and rollback ---------------------------------------------------------------
 
-    def wrap_do_commit(self, dialect: Dialect) -> None:
-        original: Callable[[Any], None] = dialect.do_commit
+    def wrap_dialect(self, dialect: Dialect) -> None:
+        """Wrap the dialect's ``do_commit``/``do_rollback`` (no SQLAlchemy event exists).
 
-        def do_commit(dbapi_connection: Any) -> None:
+        * COMMIT: a failure is tagged so :meth:`on_handle_error` reports a lost connection
+          as :class:`CommitOutcomeUnknown`, never as a plain (retryable) disconnect.
+        * ROLLBACK on a dead connection: the server has already discarded the transaction, so
+          the rollback's purpose is met. The connection is closed (the pool replaces it at the
+          next checkout) instead of raising at the end of a ``with`` block.
+        """
+        do_commit: Callable[[Any], None] = dialect.do_commit
+        do_rollback: Callable[[Any], None] = dialect.do_rollback
+        stats = self.stats
+
+        def commit(dbapi_connection: Any) -> None:
             try:
-                original(dbapi_connection)
+                do_commit(dbapi_connection)
             except Exception as exc:
                 with contextlib.suppress(AttributeError):  # exception types with __slots__
                     setattr(exc, _DURING_COMMIT, True)
                 raise
 
-        dialect.do_commit = do_commit  # type: ignore[method-assign]
+        def rollback(dbapi_connection: Any) -> None:
+            try:
+                do_rollback(dbapi_connection)
+            except Exception as exc:
+                if not classify(exc).connection_unusable:
+                    raise
+                stats.incr("rollback.on_dead_connection")
+                with contextlib.suppress(Exception):
+                    dbapi_connection.close()
+
+        dialect.do_commit = commit  # type: ignore[method-assign]
+        dialect.do_rollback = rollback  # type: ignore[method-assign]
 
 
 def _check_engine(engine: Engine) -> None:
@@ -268,7 +293,7 @@ def install(engine: Engine | AsyncEngine, policy: Policy | None = None) -> Engin
         event.listen(sync_engine, "do_execute", state.on_do_execute)
         event.listen(sync_engine, "do_execute_no_params", state.on_do_execute_no_params)
         event.listen(sync_engine, "do_executemany", state.on_do_executemany)
-    state.wrap_do_commit(sync_engine.dialect)
+    state.wrap_dialect(sync_engine.dialect)
     _installed[sync_engine] = state
     return state
 
