@@ -146,6 +146,16 @@ def assert_reset(sock: socket.socket) -> None:
         pytest.fail(f"expected ConnectionResetError, got {data!r}")
 
 
+def assert_new_connection_reset(p: ChaosProxy) -> None:
+    """A new connection is reset: usually after connect() returned, else already in connect()."""
+    try:
+        sock = connect(p)
+    except ConnectionResetError:  # the RST won the race against connect() returning
+        return
+    with sock:
+        assert_reset(sock)
+
+
 def test_passthrough_round_trip_and_stats(proxy: ChaosProxy, echo: EchoServer) -> None:
     assert proxy.mode is ChaosMode.PASS
     assert proxy.host == "127.0.0.1"
@@ -276,13 +286,7 @@ def test_refuse_resets_new_connections_only(proxy: ChaosProxy, echo: EchoServer)
         assert round_trip(existing, b"one") == b"one"
         proxy.refuse()
         assert proxy.mode is ChaosMode.REFUSE
-        try:
-            refused = connect(proxy)
-        except (ConnectionResetError, ConnectionRefusedError):
-            pass
-        else:
-            with refused:
-                assert_reset(refused)
+        assert_new_connection_reset(proxy)
         assert round_trip(existing, b"two") == b"two"
         stats = proxy.stats
         assert stats.connections_refused == 1
@@ -376,10 +380,30 @@ def test_unreachable_upstream_resets_client() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dead_port = probe.getsockname()[1]  # nothing listens here once closed
-    with ChaosProxy("127.0.0.1", dead_port) as proxy, connect(proxy) as client:
-        assert_reset(client)
+    with ChaosProxy("127.0.0.1", dead_port) as proxy:
+        assert_new_connection_reset(proxy)
         assert proxy.stats.upstream_failures == 1
         assert proxy.active_connections == 0
+
+
+def test_upstream_addresses_are_tried_in_order(
+    echo: EchoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    real_getaddrinfo = socket.getaddrinfo
+
+    def fake_getaddrinfo(host: object, port: object, *args: object, **kwargs: object) -> object:
+        if host == "db.example.test":  # resolves to a dead address first, then the live one
+            dead = real_getaddrinfo("127.0.0.1", dead_port, type=socket.SOCK_STREAM)
+            return dead + real_getaddrinfo("127.0.0.1", port, type=socket.SOCK_STREAM)
+        return real_getaddrinfo(host, port, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    with ChaosProxy("db.example.test", echo.port) as proxy, connect(proxy) as client:
+        assert round_trip(client, b"fallback") == b"fallback"
+        assert proxy.stats.upstream_failures == 0
 
 
 def test_stop_resets_connections_closes_port_and_joins_thread(echo: EchoServer) -> None:

@@ -123,9 +123,7 @@ def test_real_statement_timeout(shared_pg: PostgresCluster) -> None:
 
 def test_real_read_only_transaction(shared_pg: PostgresCluster) -> None:
     engine = create_resilient_engine(shared_pg.url())
-    err = _classified(
-        engine, "set transaction read only", "create table if not exists ro (x int)"
-    )
+    err = _classified(engine, "set transaction read only", "create table if not exists ro (x int)")
     assert isinstance(err, dbresilience.DatabaseUnavailable)
     assert err.sqlstate == "25006" and err.retryable
     engine.dispose()
@@ -189,8 +187,11 @@ def test_real_deadlock(shared_pg: PostgresCluster) -> None:
 
 def test_real_too_many_connections() -> None:
     with PostgresCluster(
-        settings={"max_connections": "3", "superuser_reserved_connections": "0",
-                  "reserved_connections": "0"}
+        settings={
+            "max_connections": "3",
+            "superuser_reserved_connections": "0",
+            "reserved_connections": "0",
+        }
     ) as pg:
         holders = [psycopg.connect(pg.url().replace("+psycopg", "")) for _ in range(3)]
         engine = create_resilient_engine(pg.url(), policy=Policy(connect_deadline=0.3))
@@ -264,7 +265,9 @@ def test_real_refused_connections_through_chaos_proxy(pg: PostgresCluster) -> No
     from dbresilience.testing import ChaosProxy
 
     with ChaosProxy(pg.host, pg.port) as proxy:
-        engine = create_resilient_engine(pg.url(port=proxy.port), policy=Policy(connect_deadline=0.5))
+        engine = create_resilient_engine(
+            pg.url(port=proxy.port), policy=Policy(connect_deadline=0.5)
+        )
         proxy.refuse()
         with pytest.raises(dbresilience.ResilienceError) as info:
             engine.connect()

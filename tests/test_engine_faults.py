@@ -193,16 +193,13 @@ def test_password_never_in_logs_or_errors(
     pg: PostgresCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     secret = "s3cr3t-Pa55"
-    engine = create_resilient_engine(
-        pg.url(password=secret), policy=Policy(connect_deadline=0.5)
-    )
+    engine = create_resilient_engine(pg.url(password=secret), policy=Policy(connect_deadline=0.5))
     with engine.connect() as conn:
         conn.execute(text("select 1"))
     pg.stop()
     caplog.set_level(logging.DEBUG, logger="dbresilience")
-    with pytest.raises(dbresilience.DatabaseUnavailable) as info:
-        with engine.connect() as conn:
-            conn.execute(text("select 1"))
+    with pytest.raises(dbresilience.DatabaseUnavailable) as info, engine.connect() as conn:
+        conn.execute(text("select 1"))
     assert caplog.records, "retries must be logged"
     assert secret not in caplog.text
     assert secret not in str(info.value)
