@@ -11,9 +11,12 @@ from sqlalchemy.engine import URL, Engine, make_url
 from dbresilience._engine_hooks import install
 from dbresilience._errors import ConfigurationError
 from dbresilience._policy import Policy
-from dbresilience._redaction import redact
+from dbresilience._redaction import mask_url, redact
 
-__all__ = ["create_resilient_engine", "parse_url"]
+__all__ = ["ASYNC_DRIVERS", "SYNC_DRIVERS", "check_url", "create_resilient_engine", "parse_url"]
+
+SYNC_DRIVERS = ("psycopg",)
+ASYNC_DRIVERS = ("asyncpg", "psycopg", "psycopg_async")
 
 
 def parse_url(url: str | URL) -> URL:
@@ -31,6 +34,28 @@ def parse_url(url: str | URL) -> URL:
         ) from None
 
 
+def check_url(url: URL, *, is_async: bool) -> None:
+    """Refuse non-PostgreSQL URLs and unsupported drivers before any driver is imported."""
+    backend = url.get_backend_name()
+    if backend != "postgresql":
+        raise ConfigurationError(
+            f"dbresilience supports PostgreSQL only, not {backend!r} (URL {mask_url(url)})"
+        )
+    driver = url.get_driver_name() if "+" in url.drivername else "psycopg"
+    wanted = ASYNC_DRIVERS if is_async else SYNC_DRIVERS
+    if driver not in wanted:
+        factory = "create_async_resilient_engine" if is_async else "create_resilient_engine"
+        hint = (
+            " (an asyncio driver: use create_async_resilient_engine())"
+            if driver in ASYNC_DRIVERS and not is_async
+            else ""
+        )
+        raise ConfigurationError(
+            f"unsupported PostgreSQL driver {driver!r} for {factory}(){hint}; use "
+            + " or ".join(f"postgresql+{d}://" for d in wanted)
+        )
+
+
 def create_resilient_engine(
     url: str | URL, *, policy: Policy | None = None, **create_engine_kwargs: Any
 ) -> Engine:
@@ -41,10 +66,7 @@ def create_resilient_engine(
     SQLAlchemy 2.1); anything else raises :class:`ConfigurationError` naming the problem.
     """
     parsed = parse_url(url)
+    check_url(parsed, is_async=False)
     engine = create_engine(parsed, **create_engine_kwargs)
-    if engine.dialect.is_async:
-        raise ConfigurationError(
-            f"{parsed.drivername!r} is an asyncio driver: use create_async_resilient_engine()"
-        )
     install(engine, policy)
     return engine
