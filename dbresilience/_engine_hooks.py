@@ -31,6 +31,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
 from dbresilience._classification import Classification, ErrorKind, classify
+from dbresilience._commit_outcome import CommitOutcome, CommitResolver, connect_budget, verdict_of
 from dbresilience._drivers import Driver, driver_for
 from dbresilience._errors import ConfigurationError, wrap
 from dbresilience._observability import Stats
@@ -91,12 +92,16 @@ class EngineResilience:
     ) -> DBAPIConnection:
         self.driver.apply_network_defaults(cparams, self.policy)
         policy = self.policy
+        budget = connect_budget.get()
+        deadline = policy.connect_deadline
+        if budget is not None:
+            deadline = min(budget, deadline)
         retrying = tenacity.Retrying(
             sleep=self.sleep,
             **retry_kwargs(
                 "connect",
                 attempts=1_000_000,  # bounded by the deadline
-                deadline=policy.connect_deadline,
+                deadline=deadline,
                 wait_initial=policy.connect_wait_initial,
                 wait_max=policy.connect_wait_max,
                 stats=self.stats,
@@ -144,11 +149,18 @@ class EngineResilience:
         original = ctx.original_exception
         found = classify(original)
         if during_commit(original) and found.connection_unusable:
-            found = Classification(
-                ErrorKind.COMMIT_OUTCOME_UNKNOWN,
-                found.sqlstate,
-                f"connection lost during COMMIT ({found.reason})",
-            )
+            if verdict_of(original) is CommitOutcome.ABORTED:
+                found = Classification(
+                    ErrorKind.DISCONNECT,
+                    found.sqlstate,
+                    f"connection lost during COMMIT; verified not committed ({found.reason})",
+                )
+            else:
+                found = Classification(
+                    ErrorKind.COMMIT_OUTCOME_UNKNOWN,
+                    found.sqlstate,
+                    f"connection lost during COMMIT ({found.reason})",
+                )
         if found.kind is ErrorKind.APPLICATION:
             return None
         if found.connection_unusable:
@@ -219,7 +231,7 @@ class EngineResilience:
 
     # -- commit and rollback ---------------------------------------------------------------
 
-    def wrap_dialect(self, dialect: Dialect) -> None:
+    def wrap_dialect(self, engine: Engine) -> None:
         """Wrap the dialect's ``do_commit``/``do_rollback`` (no SQLAlchemy event exists).
 
         * COMMIT: a failure is tagged so :meth:`on_handle_error` reports a lost connection
@@ -228,13 +240,28 @@ class EngineResilience:
           the rollback's purpose is met. The connection is closed (the pool replaces it at the
           next checkout) instead of raising at the end of a ``with`` block.
         """
+        dialect = engine.dialect
         do_commit: Callable[[Any], None] = dialect.do_commit
         do_rollback: Callable[[Any], None] = dialect.do_rollback
         stats = self.stats
+        engine_ref = self.engine_ref
+
+        def new_connection() -> Any:
+            # Outside the pool: it may be exhausted by the very connections whose commits are
+            # being checked. Same creator as the pool, so the same do_connect (retries, timeouts).
+            live = engine_ref()
+            assert live is not None
+            return live.pool._invoke_creator(None)  # type: ignore[arg-type]
+
+        resolver = CommitResolver(self, new_connection)
+        verify = self.policy.verify_commits
 
         def commit(dbapi_connection: Any) -> None:
             try:
-                do_commit(dbapi_connection)
+                if verify:
+                    resolver.commit(dbapi_connection, do_commit)
+                else:
+                    do_commit(dbapi_connection)
             except Exception as exc:
                 with contextlib.suppress(AttributeError):  # exception types with __slots__
                     setattr(exc, _DURING_COMMIT, True)
@@ -247,8 +274,10 @@ class EngineResilience:
                 if not classify(exc).connection_unusable:
                     raise
                 stats.incr("rollback.on_dead_connection")
+                # Close the driver connection, not SQLAlchemy's proxy (that would check it in).
+                raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
                 with contextlib.suppress(Exception):
-                    dbapi_connection.close()
+                    raw.close()
 
         dialect.do_commit = commit  # type: ignore[method-assign]
         dialect.do_rollback = rollback  # type: ignore[method-assign]
@@ -293,7 +322,7 @@ def install(engine: Engine | AsyncEngine, policy: Policy | None = None) -> Engin
         event.listen(sync_engine, "do_execute", state.on_do_execute)
         event.listen(sync_engine, "do_execute_no_params", state.on_do_execute_no_params)
         event.listen(sync_engine, "do_executemany", state.on_do_executemany)
-    state.wrap_dialect(sync_engine.dialect)
+    state.wrap_dialect(sync_engine)
     _installed[sync_engine] = state
     return state
 

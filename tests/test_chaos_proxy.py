@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -394,11 +395,11 @@ def test_upstream_addresses_are_tried_in_order(
         dead_port = probe.getsockname()[1]
     real_getaddrinfo = socket.getaddrinfo
 
-    def fake_getaddrinfo(host: object, port: object, *args: object, **kwargs: object) -> object:
+    def fake_getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
         if host == "db.example.test":  # resolves to a dead address first, then the live one
             dead = real_getaddrinfo("127.0.0.1", dead_port, type=socket.SOCK_STREAM)
             return dead + real_getaddrinfo("127.0.0.1", port, type=socket.SOCK_STREAM)
-        return real_getaddrinfo(host, port, *args, **kwargs)  # type: ignore[arg-type]
+        return real_getaddrinfo(host, port, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
     with ChaosProxy("db.example.test", echo.port) as proxy, connect(proxy) as client:
