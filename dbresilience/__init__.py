@@ -24,6 +24,7 @@ from dbresilience._errors import (
 from dbresilience._observability import RetryDetails, RetryHook, Stats, add_hook, remove_hook
 from dbresilience._policy import Policy
 from dbresilience._retrying import set_testing
+from dbresilience._transactions import run_transaction, transactional
 
 __all__ = [
     "IDEMPOTENT_OPTION",
@@ -49,5 +50,7 @@ __all__ = [
     "get_stats",
     "install",
     "remove_hook",
+    "run_transaction",
     "set_testing",
+    "transactional",
 ]

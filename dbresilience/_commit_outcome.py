@@ -12,7 +12,7 @@ dies while COMMIT is in flight, a new connection asks ``pg_xact_status(xid)``:
 
 Transaction ids are not unique across a failover (a promoted standby reuses xids the old
 primary handed out but never streamed), so each connection's server identity - its
-``system_identifier`` and current timeline - is recorded once per connection and the answer is
+``system_identifier`` and current timeline - is recorded when it connects, and the answer is
 trusted only from a server with the same identity.
 """
 
@@ -22,7 +22,6 @@ import contextlib
 import contextvars
 import enum
 import time
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +39,7 @@ _IDENTITY_SQL = (
 _XID_SQL = "select pg_current_xact_id_if_assigned()::text"
 _STATUS_SQL = "select pg_xact_status(%s::xid8)"
 _VERDICT_ATTR = "_dbresilience_commit_verdict"
+_IDENTITY_KEY = "dbresilience_server_identity"
 
 #: Seconds a connect may take in the current context (None: the policy's connect_deadline).
 connect_budget: contextvars.ContextVar[float | None] = contextvars.ContextVar(
@@ -91,17 +91,19 @@ class CommitResolver:
     def __init__(self, state: EngineResilience, creator: Callable[[], Any]) -> None:
         self._state = state
         self._creator = creator
-        # Server identity per DBAPI connection, read once (on its first verified commit).
-        self._identities: weakref.WeakKeyDictionary[Any, tuple[str, int] | None] = (
-            weakref.WeakKeyDictionary()
-        )
 
     def commit(self, dbapi_conn: Any, do_commit: Callable[[Any], None]) -> None:
         """COMMIT on ``dbapi_conn``; resolve the outcome if the connection dies meanwhile."""
         # SQLAlchemy passes its pool proxy; closing *that* would check it in.
         raw = getattr(dbapi_conn, "dbapi_connection", dbapi_conn)
-        identity = self._identity_of(raw)
-        xid = _one(dbapi_conn, _XID_SQL)
+        identity = dbapi_conn.info.get(_IDENTITY_KEY)  # the pool proxy's info: the record's
+        try:
+            xid = _one(dbapi_conn, _XID_SQL)
+        except Exception as exc:
+            # COMMIT was never sent: the transaction certainly did not commit.
+            with contextlib.suppress(AttributeError):
+                setattr(exc, _VERDICT_ATTR, CommitOutcome.ABORTED)
+            raise
         try:
             do_commit(dbapi_conn)
             return
@@ -119,18 +121,22 @@ class CommitResolver:
                 setattr(exc, _VERDICT_ATTR, outcome)
             raise
 
-    def _identity_of(self, dbapi_conn: Any) -> tuple[str, int] | None:
+    def on_connect(self, dbapi_conn: Any, record: Any) -> None:
+        """Pool ``connect`` listener: record the server identity, outside any app transaction.
+
+        One query per new connection (not per commit). On a standby (no current WAL position)
+        the identity is None and commits made there cannot be verified.
+        """
+        identity: tuple[str, int] | None
         try:
-            return self._identities[dbapi_conn]
-        except KeyError:
-            pass
-        try:
-            identity: tuple[str, int] | None = _identity(dbapi_conn)
-        except Exception:
-            # e.g. a standby (no current WAL position): commits there cannot be verified.
+            identity = _identity(dbapi_conn)
+        except Exception as exc:
+            if classify(exc).connection_unusable:
+                raise
             identity = None
-        self._identities[dbapi_conn] = identity
-        return identity
+        with contextlib.suppress(Exception):
+            dbapi_conn.rollback()
+        record.info[_IDENTITY_KEY] = identity
 
     def _resolve(self, xid: str | None, identity: tuple[str, int] | None) -> CommitOutcome:
         if xid is None:

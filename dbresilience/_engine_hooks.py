@@ -254,6 +254,8 @@ class EngineResilience:
             return live.pool._invoke_creator(None)  # type: ignore[arg-type]
 
         resolver = CommitResolver(self, new_connection)
+        if self.policy.verify_commits:
+            event.listen(engine, "connect", resolver.on_connect)
         verify = self.policy.verify_commits
 
         def commit(dbapi_connection: Any) -> None:

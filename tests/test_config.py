@@ -37,7 +37,9 @@ def test_exported_names_are_pinned() -> None:
         "get_stats",
         "install",
         "remove_hook",
+        "run_transaction",
         "set_testing",
+        "transactional",
     }
     for name in dbresilience.__all__:
         assert hasattr(dbresilience, name), name

@@ -1,0 +1,142 @@
+"""Transactions that survive faults exactly once: :func:`run_transaction`.
+
+``fn`` runs inside a transaction that is committed when it returns. On a *retryable* failure
+(disconnect, unavailable, serialization failure, deadlock, lock timeout, resource exhaustion)
+the transaction is rolled back and ``fn`` runs again after a backoff, within the policy's
+attempt cap and deadline. A failure during COMMIT is never blindly retried: the engine asks
+the server what happened (see ``_commit_outcome``) and either reports success, retries a
+verified-aborted transaction, or raises :class:`CommitOutcomeUnknown`.
+
+``fn`` may therefore run more than once: it must not commit, and side effects outside the
+database (emails, HTTP calls) belong after :func:`run_transaction` returns.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import tenacity
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from dbresilience._classification import classify
+from dbresilience._engine_hooks import EngineResilience, resilience_of
+from dbresilience._errors import ConfigurationError
+from dbresilience._policy import Policy
+from dbresilience._retrying import retry_kwargs
+
+__all__ = ["engine_of", "run_transaction", "transaction_retrying_kwargs", "transactional"]
+
+T = TypeVar("T")
+
+Target = Engine | Connection | Session | sessionmaker[Any]
+
+
+def engine_of(target: object) -> Engine:
+    """The engine behind an Engine, Connection, Session or sessionmaker (sync or async)."""
+    sync_target = getattr(target, "sync_engine", None) or getattr(target, "sync_connection", None)
+    if sync_target is not None:
+        target = sync_target
+    if isinstance(target, Engine):
+        return target
+    if isinstance(target, Connection):
+        return target.engine
+    bind = None
+    if isinstance(target, Session) or hasattr(target, "sync_session"):
+        session: Any = getattr(target, "sync_session", target)
+        bind = session.get_bind()
+    elif hasattr(target, "kw"):  # sessionmaker / async_sessionmaker
+        bind = target.kw.get("bind")
+    bind = getattr(bind, "sync_engine", None) or bind
+    if isinstance(bind, Connection):
+        bind = bind.engine
+    if not isinstance(bind, Engine):
+        raise ConfigurationError(
+            f"cannot find the engine of {target!r}: pass an Engine, Connection, Session or a "
+            "sessionmaker created with bind=<resilient engine>"
+        )
+    return bind
+
+
+def _retryable(exc: BaseException) -> bool:
+    return classify(exc).retryable
+
+
+def transaction_retrying_kwargs(
+    state: EngineResilience, policy: Policy | None
+) -> dict[str, Any]:
+    """tenacity arguments for transaction retries (shared by the sync and async runners)."""
+    p = policy or state.policy
+    return retry_kwargs(
+        "transaction",
+        attempts=p.attempts,
+        deadline=p.deadline,
+        wait_initial=p.wait_initial,
+        wait_max=p.wait_max,
+        stats=state.stats,
+        retry_if=_retryable,
+    )
+
+
+def _once(target: Target, fn: Callable[[Any], T]) -> T:
+    if isinstance(target, Engine):
+        with target.connect() as conn, conn.begin():
+            return fn(conn)
+    if isinstance(target, Connection):
+        if target.in_transaction():
+            raise ConfigurationError(
+                "run_transaction() needs a Connection without a transaction in progress"
+            )
+        with target.begin():
+            return fn(target)
+    if isinstance(target, Session):
+        if target.in_transaction():
+            raise ConfigurationError(
+                "run_transaction() needs a Session without a transaction in progress"
+            )
+        with target.begin():
+            return fn(target)
+    with target() as session, session.begin():
+        return fn(session)
+
+
+def run_transaction(target: Target, fn: Callable[[Any], T], *, policy: Policy | None = None) -> T:
+    """Run ``fn`` in a transaction on ``target``, commit, and retry retryable failures.
+
+    :param target: a resilient :class:`~sqlalchemy.engine.Engine` (``fn`` gets a Connection),
+        a :class:`~sqlalchemy.orm.sessionmaker` bound to one (``fn`` gets a Session), or a
+        Connection / Session with no transaction in progress (``fn`` gets it back).
+    :param fn: the unit of work. It may run more than once and must not commit.
+    :param policy: overrides the engine's policy for the retry loop (attempts, deadline, waits).
+    :returns: what ``fn`` returned on the attempt that committed.
+    :raises: the last classified error when it is not retryable or the budget is spent.
+    """
+    state = resilience_of(engine_of(target))
+    retrying = tenacity.Retrying(**transaction_retrying_kwargs(state, policy))
+    result: T = retrying(_once, target, fn)
+    return result
+
+
+def transactional(
+    target: Target, *, policy: Policy | None = None
+) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator form: ``@transactional(SessionLocal)`` passes the session/connection first.
+
+    ::
+
+        @transactional(SessionLocal)
+        def transfer(session, src, dst, amount): ...
+
+        transfer(1, 2, 100)  # runs in a retried transaction
+    """
+
+    def decorate(func: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> T:
+            return run_transaction(target, lambda c: func(c, *args, **kwargs), policy=policy)
+
+        return wrapper
+
+    return decorate
