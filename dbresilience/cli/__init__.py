@@ -1,0 +1,137 @@
+"""The ``dbresilience`` command line.
+
+Each subcommand is one ``_add_<name>`` function registering its parser (with a ``handler``
+default) in :data:`_SUBCOMMANDS`; the handler takes the parsed arguments and returns the exit
+code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeAlias
+
+__all__ = ["build_parser", "main"]
+
+if TYPE_CHECKING:
+    _Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 1.0 <= number <= 600.0:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 600 seconds, got {value}")
+    return number
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    missing = [m for m in ("rich", "psycopg") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(
+            f"dbresilience demo needs {', '.join(missing)}: pip install 'dbresilience[demo]'",
+            file=sys.stderr,
+        )
+        return 1
+    from dbresilience.testing import find_pg_bindir
+
+    try:
+        find_pg_bindir()
+    except RuntimeError as exc:
+        print(f"dbresilience demo: {exc}", file=sys.stderr)
+        return 1
+
+    from rich.console import Console
+
+    from dbresilience.cli import _demo
+
+    console = Console()
+    result = _demo.run_demo(
+        threads=args.threads,
+        duration=args.duration,
+        compare=not args.no_compare,
+        progress=lambda line: console.print(line, highlight=False),
+    )
+    _demo.print_result(result, console)
+    return 0 if result.ok else 1
+
+
+def _add_demo(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="kill backends and restart a throwaway PostgreSQL under load; compare engines",
+        description=(
+            "Start a throwaway PostgreSQL server, run a write workload through "
+            "create_resilient_engine() while backends are killed and the server restarts, "
+            "then run the same workload and faults through a plain create_engine()."
+        ),
+    )
+    parser.add_argument(
+        "--threads", type=_positive_int, default=8, help="worker threads (default: 8)"
+    )
+    parser.add_argument(
+        "--duration",
+        type=_seconds,
+        default=12.0,
+        help="seconds of workload per engine (default: 12)",
+    )
+    parser.add_argument(
+        "--no-compare", action="store_true", help="skip the plain create_engine() run"
+    )
+    parser.set_defaults(handler=_run_demo)
+
+
+# ---------------------------------------------------------------------------------------------
+
+_SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_demo,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dbresilience`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="dbresilience",
+        description="Connection resilience for SQLAlchemy over PostgreSQL.",
+    )
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for add in _SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
+
+    Usage errors return 2 and ``--help`` returns 0, without raising :class:`SystemExit`.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""The examples run for real; docker/ stays a valid compose project."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from dbresilience.testing import PostgresCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sync_example_runs_against_a_real_server(shared_pg: PostgresCluster) -> None:
+    env = {**os.environ, "DATABASE_URL": shared_pg.url()}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "sync_app.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "placed;" in out
+    rows = shared_pg.execute("select item from example_orders order by id")
+    assert [r[0] for r in rows][-2:] == ["unchanged app code", "exactly once"]
+
+
+def test_compose_file_is_consistent() -> None:
+    compose = yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "pgbouncer", "app"} <= set(services)
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+        for dep in service.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown service {dep}"
+        if "build" in service:
+            context = (ROOT / "docker" / service["build"]["context"]).resolve()
+            assert (context / service["build"]["dockerfile"]).is_file()
+    command = services["app"]["command"]
+    assert (ROOT / command[-1]).is_file()
