@@ -1,0 +1,98 @@
+"""Shared benchmark harness: interleaved rounds and a ratio report against a baseline.
+
+Engines run in interleaved rounds, the order rotating each round, so that load from elsewhere
+on the (noisy, 2-core) machine hits all of them alike. Reported: the median ops/s of the
+rounds, its ratio to the baseline's, and the median of the per-round ratios ("paired", less
+sensitive to load that drifts between rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+if importlib.util.find_spec("dbresilience") is None:  # run from a checkout, not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rich.console import Console
+from rich.table import Table
+
+
+def ops_per_second(op: Callable[[], object], seconds: float) -> float:
+    """Call ``op`` repeatedly for ``seconds``; return calls per second."""
+    clock = time.perf_counter
+    n = 0
+    start = clock()
+    deadline = start + seconds
+    while True:
+        op()
+        n += 1
+        now = clock()
+        if now >= deadline:
+            return n / (now - start)
+
+
+def interleave(
+    measures: dict[str, Callable[[float], float]], seconds: float, rounds: int
+) -> dict[str, list[float]]:
+    """Run each ``measures[name](seconds) -> ops/s`` once per round, rotating the order."""
+    for measure in measures.values():
+        measure(0.2)  # connect, warm caches
+    names = list(measures)
+    results: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            results[name].append(measures[name](seconds))
+    return results
+
+
+def parse_args(doc: str | None, argv: list[str] | None) -> argparse.Namespace:
+    """``--seconds`` (per engine per round, default 1.0) and ``--rounds`` (default 7)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+    parser.add_argument("--seconds", type=float, default=1.0, help="per engine per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.rounds < 1:
+        parser.error("--seconds must be > 0 and --rounds >= 1")
+    return args
+
+
+def report(
+    results: dict[str, list[float]], *, title: str, baseline: str, args: argparse.Namespace
+) -> dict[str, object]:
+    """Print a table and a one-line JSON summary; return the summary."""
+    medians = {name: statistics.median(values) for name, values in results.items()}
+    base = medians[baseline]
+    paired = {
+        name: statistics.median(v / p for v, p in zip(values, results[baseline], strict=True))
+        for name, values in results.items()
+    }
+    table = Table(title=title)
+    for column in ("engine", "median ops/s", "min..max ops/s", "vs " + baseline, "paired", "us/op"):
+        table.add_column(column, justify="left" if column == "engine" else "right")
+    for name, values in results.items():
+        table.add_row(
+            name,
+            f"{medians[name]:,.0f}",
+            f"{min(values):,.0f}..{max(values):,.0f}",
+            f"{medians[name] / base:.3f}",
+            f"{paired[name]:.3f}",
+            f"{1e6 / medians[name]:.1f}",
+        )
+    Console().print(table)
+    summary: dict[str, object] = {
+        "title": title,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "median_ops_per_s": {k: round(v, 1) for k, v in medians.items()},
+        "ratio_of_medians": {k: round(v / base, 4) for k, v in medians.items() if k != baseline},
+        "paired_median_ratio": {k: round(v, 4) for k, v in paired.items() if k != baseline},
+    }
+    print(json.dumps(summary))
+    return summary
