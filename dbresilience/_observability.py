@@ -1,8 +1,9 @@
 """Observability: the ``dbresilience`` logger, per-engine counters and instrumentation hooks.
 
-Every retry, replay and recovery is logged as one line on the ``dbresilience`` logger and
-counted in the engine's :class:`Stats`. Applications may add hooks (any callable taking a
-:class:`RetryDetails`) with :func:`add_hook`, e.g. to feed Prometheus or OpenTelemetry.
+Every retry, replay and recovery is logged as one line on the ``dbresilience`` logger
+(``connect`` and ``statement`` retries at INFO, ``transaction`` and ``commit-check`` retries at
+WARNING) and counted in the engine's :class:`Stats`. Applications may add hooks (any callable
+taking a :class:`RetryDetails`) with :func:`add_hook`, e.g. to feed Prometheus or OpenTelemetry.
 Counters are only touched on failure paths, never on the happy path.
 """
 
@@ -48,6 +49,10 @@ class RetryHook(Protocol):
 
 _hooks: list[RetryHook] = []
 
+# Reconnecting and replaying a statement are routine, invisible recoveries (INFO); a whole
+# transaction or a commit check running again is worth a WARNING.
+_LEVELS = {"connect": logging.INFO, "statement": logging.INFO}
+
 
 def add_hook(hook: RetryHook) -> None:
     """Register ``hook`` for every retry of every resilient engine."""
@@ -62,8 +67,10 @@ def remove_hook(hook: RetryHook) -> None:
 class Stats:
     """Thread-safe counters of what one resilient engine did.
 
-    Keys are stable strings, e.g. ``retry.connect``, ``retry.transaction``,
-    ``replay.statement``, ``disconnect``, ``checkout.dead``, ``commit.verified_committed``.
+    Keys are stable strings: ``retry.<what>`` and ``retry.<what>.<kind>`` (what: connect,
+    statement, transaction, commit-check), ``replay.statement``, ``checkout.dead``,
+    ``error.<kind>`` (errors seen by ``handle_error``), ``commit.<outcome>`` (committed, aborted,
+    read-only, unknown: commits whose reply was lost), ``rollback.on_dead_connection``.
     """
 
     def __init__(self, engine_name: str) -> None:
@@ -92,7 +99,8 @@ class Stats:
         """Count, log and announce one retry."""
         self.incr(f"retry.{what}")
         self.incr(f"retry.{what}.{classification.kind.value}")
-        logger.warning(
+        logger.log(
+            _LEVELS.get(what, logging.WARNING),
             "retrying %s: attempt=%d wait=%.3fs cause=%s sqlstate=%s reason=%s engine=%s",
             what,
             attempt,

@@ -160,15 +160,18 @@ def _logs_counted() -> Iterator[_CountingHandler]:
     saved = []
     for name in _LOGGERS:
         logger = logging.getLogger(name)
-        saved.append((logger, logger.handlers[:], logger.propagate))
+        saved.append((logger, logger.handlers[:], logger.propagate, logger.level))
         logger.handlers = [handler]
         logger.propagate = False
+        if name == "dbresilience":
+            logger.setLevel(logging.INFO)  # routine retries (connect, statement replay) are INFO
     try:
         yield handler
     finally:
-        for logger, handlers, propagate in saved:
+        for logger, handlers, propagate, level in saved:
             logger.handlers = handlers
             logger.propagate = propagate
+            logger.setLevel(level)
 
 
 def _work(engine: Engine, table: str, worker: int, stop: threading.Event, tally: _Tally) -> None:
