@@ -79,9 +79,10 @@ class CircuitBreaker:
         if self._state == "closed":  # fast path, no lock: a stale read only delays by one call
             return True
         with self._lock:
-            if self._state == "closed":
+            state: BreakerState = self._state  # re-read under the lock
+            if state == "closed":
                 return True
-            if self._state == "open":
+            if state == "open":
                 if self._clock() - self._opened_at < self.cooldown:
                     return False
                 self._state = "half-open"
