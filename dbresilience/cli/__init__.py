@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeAlias
@@ -98,9 +99,76 @@ def _add_demo(subparsers: _Subparsers) -> None:
     parser.set_defaults(handler=_run_demo)
 
 
+# -- check -----------------------------------------------------------------------------------
+
+_URL_ENV = "DATABASE_URL"
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    url: str | None = args.url or os.environ.get(_URL_ENV)
+    if not url:
+        print(
+            f"dbresilience check: no URL: pass one or set {_URL_ENV} (keeps the password out of "
+            "the shell history and the process list)",
+            file=sys.stderr,
+        )
+        return 2
+    missing = [m for m in ("rich", "psycopg") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(
+            f"dbresilience check needs {', '.join(missing)}: pip install 'dbresilience[demo]'",
+            file=sys.stderr,
+        )
+        return 1
+
+    from rich.console import Console
+
+    from dbresilience._errors import ConfigurationError
+    from dbresilience.cli import _check
+
+    try:
+        result = _check.run_check(url, timeout=args.timeout)
+    except ConfigurationError as exc:
+        print(f"dbresilience check: {exc}", file=sys.stderr)  # masked by run_check
+        return 2
+    if args.json:
+        _check.print_json(result)
+    else:
+        _check.print_result(result, Console(highlight=False))
+    return _check.exit_code(result)
+
+
+def _add_check(subparsers: _Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "check",
+        help="diagnose a database URL: DNS, TCP, TLS, auth, role, latency, timeout settings",
+        description=(
+            "For each host of URL: resolve it, open a TCP connection, log in with psycopg "
+            "(TLS in use? authentication ok?), read the server version and role (primary or "
+            "standby) and time a select 1. Shows the timeout settings create_resilient_engine() "
+            "would use and warns about risky ones. Passwords are masked in all output. "
+            "Exit code: 0 every host reachable and authenticated, 1 otherwise, 2 bad URL."
+        ),
+    )
+    parser.add_argument(
+        "url",
+        nargs="?",
+        metavar="URL",
+        help=f"SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db (default: ${_URL_ENV})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=5.0,
+        help="bound in seconds on each network step (default: 5)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.set_defaults(handler=_run_check)
+
+
 # ---------------------------------------------------------------------------------------------
 
-_SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_demo,)
+_SUBCOMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_demo, _add_check)
 
 
 def build_parser() -> argparse.ArgumentParser:
