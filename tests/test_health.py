@@ -7,7 +7,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
-from types import SimpleNamespace
 
 import pytest
 import pytest_asyncio
@@ -17,6 +16,7 @@ from sqlalchemy.pool import NullPool
 
 import dbresilience
 from dbresilience import Policy, create_resilient_engine
+from dbresilience._circuit_breaker import CircuitBreaker
 from dbresilience._engine_hooks import resilience_of
 from dbresilience._health import HealthReport, PoolCounts, check_health, check_health_async
 from dbresilience.testing import ChaosProxy, PostgresCluster, free_port
@@ -215,15 +215,20 @@ def test_breaker_state_is_read_from_the_engine(
     engine = create_resilient_engine(shared_pg.url())
     try:
         state = resilience_of(engine)
-        if hasattr(type(state), "breaker"):
-            pytest.skip("the engine has a real circuit breaker; its own tests cover it")
-        monkeypatch.setattr(state, "breaker", SimpleNamespace(state="open"), raising=False)
+        if isinstance(getattr(type(state), "breaker", None), property):
+            pytest.skip("EngineResilience.breaker is a read-only property; its tests cover it")
+        now = [0.0]
+        breaker = CircuitBreaker(failures=1, min_duration=0, cooldown=60, clock=lambda: now[0])
+        monkeypatch.setattr(state, "breaker", breaker, raising=False)
+        assert check_health(engine).breaker == "closed"
+        assert breaker.record_failure()  # opened
         report = check_health(engine)
-        assert report.reachable
         assert report.breaker == "open"
-        assert not report.ready
-        monkeypatch.setattr(state, "breaker", SimpleNamespace(state="closed"), raising=False)
-        assert check_health(engine).ready
+        assert not report.ready  # whatever the probe found
+        now[0] = 61.0
+        report = check_health(engine)
+        assert report.breaker in ("half-open", "closed")  # closed if the probe went through it
+        assert report.ready
     finally:
         engine.dispose()
 
