@@ -1,13 +1,14 @@
 """dbresilience: connection resilience for SQLAlchemy 2.x over PostgreSQL.
 
-Swap ``create_engine(...)`` for :func:`create_resilient_engine` and the application survives
-server restarts, killed backends, reset sockets and overload without code changes.
+Swap ``create_engine(...)`` for :func:`create_resilient_engine` (asyncio:
+``create_async_engine(...)`` for :func:`create_async_resilient_engine`) and the application
+survives server restarts, killed backends, reset sockets and overload without code changes.
 """
 
 from __future__ import annotations
 
 from dbresilience._classification import Classification, ErrorKind, classify
-from dbresilience._engine import create_resilient_engine
+from dbresilience._engine import create_async_resilient_engine, create_resilient_engine
 from dbresilience._engine_hooks import IDEMPOTENT_OPTION, get_stats, install
 from dbresilience._errors import (
     CircuitOpen,
@@ -46,6 +47,7 @@ __all__ = [
     "TransactionConflict",
     "add_hook",
     "classify",
+    "create_async_resilient_engine",
     "create_resilient_engine",
     "get_stats",
     "install",

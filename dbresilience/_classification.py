@@ -24,6 +24,7 @@ matched on the English texts; SQLSTATEs work whatever the server's ``lc_messages
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import socket
 import ssl
@@ -165,6 +166,10 @@ _MESSAGES: tuple[tuple[str, ErrorKind, bool], ...] = (
     ("ssl connection has been closed unexpectedly", ErrorKind.DISCONNECT, False),
     ("ssl syscall error", ErrorKind.DISCONNECT, False),
     ("lost synchronization with server", ErrorKind.DISCONNECT, False),
+    # asyncpg, using a connection whose server has sent FATAL (state 2: discarding input after
+    # an unsolicited error) and whose EOF is not read yet, or is read ("failed" state).
+    ("another operation (2) is in progress", ErrorKind.DISCONNECT, False),
+    ('protocol is in the "failed" state', ErrorKind.DISCONNECT, False),
     ("connection is closed", ErrorKind.DISCONNECT, False),
     ("connection is lost", ErrorKind.DISCONNECT, False),
     ("connection reset", ErrorKind.DISCONNECT, False),
@@ -258,6 +263,8 @@ def classify(exc: BaseException) -> Classification:
     for e in chain:
         if isinstance(e, OSError) and type(e).__module__ in ("builtins", "ssl", "socket"):
             return _from_os_error(e)
+        if isinstance(e, asyncio.TimeoutError):  # not an OSError before Python 3.11
+            return Classification(ErrorKind.DISCONNECT, None, "socket timeout")
     for e in chain:
         found = _from_message(str(e))
         if found is not None:

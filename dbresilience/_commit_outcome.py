@@ -37,7 +37,9 @@ _IDENTITY_SQL = (
     "from pg_control_system()"
 )
 _XID_SQL = "select pg_current_xact_id_if_assigned()::text"
-_STATUS_SQL = "select pg_xact_status(%s::xid8)"
+# The xid is inlined (digits only, checked) so that the SQL is the same whatever the driver's
+# parameter style (psycopg %s, asyncpg $1).
+_STATUS_SQL = "select pg_xact_status('{}'::xid8)"
 _VERDICT_ATTR = "_dbresilience_commit_verdict"
 _IDENTITY_KEY = "dbresilience_server_identity"
 
@@ -63,10 +65,10 @@ def verdict_of(exc: BaseException) -> CommitOutcome | None:
     return found if isinstance(found, CommitOutcome) else None
 
 
-def _one(dbapi_conn: Any, sql: str, params: tuple[Any, ...] | None = None) -> Any:
+def _one(dbapi_conn: Any, sql: str) -> Any:
     cursor = dbapi_conn.cursor()
     try:
-        cursor.execute(sql, params) if params is not None else cursor.execute(sql)
+        cursor.execute(sql)
         row = cursor.fetchone()
     finally:
         with contextlib.suppress(Exception):
@@ -127,21 +129,26 @@ class CommitResolver:
         One query per new connection (not per commit). On a standby (no current WAL position)
         the identity is None and commits made there cannot be verified.
         """
-        identity: tuple[str, int] | None
+        identity: tuple[str, int] | None = None
         try:
-            identity = _identity(dbapi_conn)
-        except Exception as exc:
-            if classify(exc).connection_unusable:
-                raise
-            identity = None
-        with contextlib.suppress(Exception):
-            dbapi_conn.rollback()
+            try:
+                identity = _identity(dbapi_conn)
+            except Exception as exc:
+                if classify(exc).connection_unusable:
+                    raise
+            with contextlib.suppress(Exception):
+                dbapi_conn.rollback()
+        except BaseException:
+            # Failed or cancelled: SQLAlchemy drops the new record without closing the connection.
+            with contextlib.suppress(Exception):
+                self._state.driver.abort(dbapi_conn)
+            raise
         record.info[_IDENTITY_KEY] = identity
 
     def _resolve(self, xid: str | None, identity: tuple[str, int] | None) -> CommitOutcome:
         if xid is None:
             return CommitOutcome.NOTHING_TO_COMMIT
-        if identity is None:
+        if identity is None or not xid.isdigit():  # xid8::text is digits; checked, as inlined
             return CommitOutcome.UNKNOWN
         policy = self._state.policy
         deadline = time.monotonic() + policy.commit_check_timeout
@@ -181,7 +188,7 @@ class CommitResolver:
         try:
             if _identity(conn) != identity:
                 raise _NotSameServer
-            status = _one(conn, _STATUS_SQL, (xid,))
+            status = _one(conn, _STATUS_SQL.format(xid))
             return None if status is None else str(status)
         finally:
             with contextlib.suppress(Exception):

@@ -5,9 +5,13 @@ Everything else (classification, retries, replay, commit checks) is written once
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import select
+import socket
 from typing import Any
 
+from dbresilience._classification import Classification, ErrorKind
 from dbresilience._errors import ConfigurationError
 
 __all__ = ["SUPPORTED", "Driver", "driver_for"]
@@ -22,6 +26,17 @@ class Driver:
 
     def apply_network_defaults(self, cparams: dict[str, Any], policy: Any) -> None:
         """Fill in connect parameters that bound waits, unless the user set them."""
+
+    def configure(self, dbapi_conn: Any, policy: Any) -> None:
+        """Tune a connection the driver just opened (before the pool sees it)."""
+
+    def refine(self, exc: BaseException, found: Classification) -> Classification:
+        """Correct :func:`classify`'s verdict for ``exc`` raised by this driver mid-statement."""
+        return found
+
+    def abort(self, dbapi_conn: Any) -> None:
+        """Close the connection at once; drivers do it without I/O (safe in a cancelled task)."""
+        dbapi_conn.close()
 
     def closed(self, dbapi_conn: Any) -> bool:
         """True when the driver already knows the connection is closed or broken (no I/O)."""
@@ -83,19 +98,73 @@ class _Psycopg(Driver):
     def transaction_idle(self, dbapi_conn: Any) -> bool:
         return bool(self._pgconn(dbapi_conn).transaction_status == 0)  # PQTRANS_IDLE
 
+    def abort(self, dbapi_conn: Any) -> None:
+        self._pgconn(dbapi_conn).finish()
+
 
 class _Asyncpg(Driver):
+    """asyncpg, through SQLAlchemy's ``AsyncAdapt_asyncpg_connection`` (``._connection``).
+
+    asyncpg has no keepalive or ``tcp_user_timeout`` connect options, and neither a connect
+    timeout nor a command timeout bounded enough for an app: both are applied here.
+    """
+
     name = "asyncpg"
+
+    def apply_network_defaults(self, cparams: dict[str, Any], policy: Any) -> None:
+        cparams.setdefault("timeout", float(policy.connect_timeout))
+        cparams.setdefault("command_timeout", float(policy.command_timeout) or None)
+
+    def configure(self, dbapi_conn: Any, policy: Any) -> None:
+        sock = _socket_of(dbapi_conn)
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return  # Unix-domain socket: no TCP to tune
+        tcp = socket.IPPROTO_TCP
+        options = (
+            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (tcp, getattr(socket, "TCP_KEEPIDLE", None), policy.keepalives_idle),
+            (tcp, getattr(socket, "TCP_KEEPINTVL", None), policy.keepalives_interval),
+            (tcp, getattr(socket, "TCP_KEEPCNT", None), policy.keepalives_count),
+            # Linux only; milliseconds
+            (tcp, getattr(socket, "TCP_USER_TIMEOUT", None), policy.tcp_user_timeout * 1000),
+        )
+        for level, option, value in options:
+            if option is not None:
+                with contextlib.suppress(OSError):  # an option this kernel lacks
+                    sock.setsockopt(level, option, max(1, int(value)))
+
+    def refine(self, exc: BaseException, found: Classification) -> Classification:
+        # A bare TimeoutError out of a statement is asyncpg's command_timeout: it sent a cancel
+        # request, like statement_timeout (57014). Not retried; SQLAlchemy discards the
+        # connection (it treats TimeoutError as an exit exception).
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):  # distinct before 3.11
+            return Classification(ErrorKind.TIMEOUT, None, "asyncpg command_timeout expired")
+        return found
 
     def closed(self, dbapi_conn: Any) -> bool:
         return bool(dbapi_conn._connection.is_closed())
 
     def looks_dead(self, dbapi_conn: Any) -> bool:
-        # asyncpg's protocol notices EOF by itself and flips is_closed().
-        return bool(dbapi_conn._connection.is_closed())
+        # asyncpg notices EOF by itself and flips is_closed(), but only once the event loop has
+        # read the socket; bytes waiting on an idle socket mean the same thing one step earlier.
+        if dbapi_conn._connection.is_closed():
+            return True
+        sock = _socket_of(dbapi_conn)
+        return sock is not None and _readable(sock.fileno())
 
     def transaction_idle(self, dbapi_conn: Any) -> bool:
-        return not dbapi_conn._connection.is_in_transaction()
+        # SQLAlchemy's adapter sends BEGIN lazily, with the first statement; asyncpg's own flag
+        # covers a BEGIN sent behind its back. A terminated connection has no protocol left.
+        raw = dbapi_conn._connection
+        return dbapi_conn._transaction is None and (raw.is_closed() or not raw.is_in_transaction())
+
+    def abort(self, dbapi_conn: Any) -> None:
+        dbapi_conn._connection.terminate()
+
+
+def _socket_of(dbapi_conn: Any) -> Any:
+    transport = getattr(dbapi_conn._connection, "_transport", None)
+    return None if transport is None else transport.get_extra_info("socket")
 
 
 _DRIVERS: dict[str, Driver] = {"psycopg": _Psycopg(), "asyncpg": _Asyncpg()}

@@ -1,8 +1,9 @@
-"""``create_resilient_engine()``: a genuine SQLAlchemy Engine with dbresilience installed."""
+"""``create_resilient_engine()`` / ``create_async_resilient_engine()``: genuine SQLAlchemy
+engines with dbresilience installed."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
@@ -13,7 +14,17 @@ from dbresilience._errors import ConfigurationError
 from dbresilience._policy import Policy
 from dbresilience._redaction import mask_url, redact
 
-__all__ = ["ASYNC_DRIVERS", "SYNC_DRIVERS", "check_url", "create_resilient_engine", "parse_url"]
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = [
+    "ASYNC_DRIVERS",
+    "SYNC_DRIVERS",
+    "check_url",
+    "create_async_resilient_engine",
+    "create_resilient_engine",
+    "parse_url",
+]
 
 SYNC_DRIVERS = ("psycopg",)
 ASYNC_DRIVERS = ("asyncpg", "psycopg", "psycopg_async")
@@ -68,5 +79,25 @@ def create_resilient_engine(
     parsed = parse_url(url)
     check_url(parsed, is_async=False)
     engine = create_engine(parsed, **create_engine_kwargs)
+    install(engine, policy)
+    return engine
+
+
+def create_async_resilient_engine(
+    url: str | URL, *, policy: Policy | None = None, **create_engine_kwargs: Any
+) -> AsyncEngine:
+    """Create a SQLAlchemy :class:`~sqlalchemy.ext.asyncio.AsyncEngine` that survives faults.
+
+    Same arguments as :func:`sqlalchemy.ext.asyncio.create_async_engine`, plus ``policy``.
+    Accepts ``postgresql+asyncpg://`` and ``postgresql+psycopg://`` (psycopg's async mode;
+    ``postgresql+psycopg_async://`` too). The guarantees are those of
+    :func:`create_resilient_engine`: the same listeners run on ``engine.sync_engine``.
+    """
+    parsed = parse_url(url)
+    check_url(parsed, is_async=True)
+    # Imported here: plain sync users need neither sqlalchemy.ext.asyncio nor greenlet.
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(parsed, **create_engine_kwargs)
     install(engine, policy)
     return engine

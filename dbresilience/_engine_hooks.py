@@ -2,15 +2,20 @@
 
 :func:`install` registers, on one engine only:
 
-* ``do_connect`` - psycopg network defaults (timeouts, keepalives) and connect retries with
-  backoff through tenacity, bounded by :attr:`Policy.connect_deadline`;
+* ``do_connect`` - network defaults (timeouts, keepalives; for asyncpg set on the socket) and
+  connect retries with backoff through tenacity, bounded by :attr:`Policy.connect_deadline`;
 * pool ``checkout``/``checkin`` - cheap stale-connection detection (no ping per checkout);
-* ``handle_error`` - classification, invalidation and re-raising as dbresilience errors;
+* ``handle_error`` - classification, invalidation and re-raising as dbresilience errors (also
+  the bare ``OSError``/``TimeoutError`` asyncpg lets escape SQLAlchemy unwrapped);
 * ``do_execute``/``do_execute_no_params``/``do_executemany`` - replay of the first statement of
   a transaction that failed only because the connection was already dead;
 * wrappers around the dialect's ``do_commit`` (a connection lost during COMMIT is reported as
   :class:`CommitOutcomeUnknown`, never as a plain disconnect) and ``do_rollback`` (a rollback
   on a dead connection is moot: the server already discarded the transaction).
+
+Written once for sync and async engines: with an AsyncEngine the listeners run inside
+SQLAlchemy's greenlet, where driver calls block only the current task; the only waits of our
+own (:meth:`EngineResilience.sleep`) go through the event loop there.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import traceback
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -33,7 +39,7 @@ from sqlalchemy.util import await_only
 from dbresilience._classification import Classification, ErrorKind, classify
 from dbresilience._commit_outcome import CommitOutcome, CommitResolver, connect_budget, verdict_of
 from dbresilience._drivers import Driver, driver_for
-from dbresilience._errors import ConfigurationError, wrap
+from dbresilience._errors import ConfigurationError, error_from, wrap
 from dbresilience._observability import Stats
 from dbresilience._policy import Policy
 from dbresilience._redaction import mask_url
@@ -90,8 +96,9 @@ class EngineResilience:
     def on_do_connect(
         self, dialect: Dialect, conn_rec: ConnectionPoolEntry, cargs: Any, cparams: dict[str, Any]
     ) -> DBAPIConnection:
-        self.driver.apply_network_defaults(cparams, self.policy)
+        driver = self.driver
         policy = self.policy
+        driver.apply_network_defaults(cparams, policy)
         budget = connect_budget.get()
         deadline = policy.connect_deadline
         if budget is not None:
@@ -108,8 +115,32 @@ class EngineResilience:
                 retry_if=_connect_retryable,
             ),
         )
-        connection: DBAPIConnection = retrying(dialect.connect, *cargs, **cparams)
+        try:
+            connection: DBAPIConnection = retrying(dialect.connect, *cargs, **cparams)
+        except Exception as exc:
+            if isinstance(exc, dialect.loaded_dbapi.Error):
+                raise  # SQLAlchemy wraps it and on_handle_error classifies it
+            raise self._connect_error(exc) from exc
+        except BaseException as exc:
+            # Cancelled mid-connect: the driver's half-made connection lives in the finished
+            # frames of this traceback, which tenacity's retry state keeps in a reference cycle;
+            # clear them so it is closed now, not at the next full garbage collection.
+            traceback.clear_frames(exc.__traceback__)
+            raise
+        driver.configure(connection, policy)
         return connection
+
+    def _connect_error(self, exc: Exception) -> Exception:
+        """What to raise for a non-DBAPI connect failure (asyncpg: bare ``OSError``...)."""
+        found = classify(exc)
+        if found.kind is ErrorKind.APPLICATION:
+            return exc
+        if found.kind is ErrorKind.DISCONNECT:  # lost while connecting: could not connect
+            found = Classification(
+                ErrorKind.UNAVAILABLE, found.sqlstate, found.reason, found.server_wide
+            )
+        self.stats.incr(f"error.{found.kind.value}")
+        return error_from(exc, found)
 
     # -- stale-connection detection ----------------------------------------------------------
 
@@ -161,15 +192,22 @@ class EngineResilience:
                     found.sqlstate,
                     f"connection lost during COMMIT ({found.reason})",
                 )
+        else:
+            found = self.driver.refine(original, found)
         if found.kind is ErrorKind.APPLICATION:
             return None
         if found.connection_unusable:
             ctx.is_disconnect = True
         self.stats.incr(f"error.{found.kind.value}")
         sa_error = ctx.sqlalchemy_exception
-        if not isinstance(sa_error, sa_exc.DBAPIError):
-            return None
-        return wrap(sa_error, found, connection_invalidated=ctx.is_disconnect)
+        if isinstance(sa_error, sa_exc.DBAPIError):
+            return wrap(sa_error, found, connection_invalidated=ctx.is_disconnect)
+        if isinstance(original, Exception) and not isinstance(original, sa_exc.SQLAlchemyError):
+            # Not a DBAPI error, so SQLAlchemy did not wrap it (asyncpg's TimeoutError...).
+            return error_from(
+                original, found, statement=ctx.statement, connection_invalidated=ctx.is_disconnect
+            )
+        return None
 
     # -- first-statement replay --------------------------------------------------------------
 
@@ -198,7 +236,7 @@ class EngineResilience:
         except Exception as exc:
             if not replayable:
                 raise
-            found = classify(exc)
+            found = self.driver.refine(exc, classify(exc))
             if found.kind is not ErrorKind.DISCONNECT:
                 raise
             new_cursor = self._reconnect(context, exc, found)

@@ -42,6 +42,7 @@ __all__ = [
     "StatementTimeout",
     "TransactionConflict",
     "error_class_for",
+    "error_from",
     "make_error",
     "wrap",
 ]
@@ -161,6 +162,9 @@ def wrap(
     """Return ``error`` re-made as a dbresilience error of its kind, or ``error`` itself.
 
     The result is an instance of ``type(error)`` *and* of the dbresilience class for its kind.
+    asyncpg's errors reach SQLAlchemy as the generic :class:`~sqlalchemy.exc.DBAPIError`; those
+    become :class:`~sqlalchemy.exc.OperationalError` (a subclass), as psycopg's are, so
+    ``except OperationalError`` catches a lost connection whatever the driver.
     Application errors (and errors already wrapped) are returned unchanged.
     """
     if isinstance(error, ResilienceError):
@@ -170,7 +174,10 @@ def wrap(
         if found.kind is ErrorKind.APPLICATION:
             return error
         ours = _BY_KIND[found.kind]
-    cls = error_class_for(ours, type(error))
+    theirs = type(error)
+    if theirs is sa_exc.DBAPIError:
+        theirs = sa_exc.OperationalError
+    cls = error_class_for(ours, theirs)
     new: sa_exc.DBAPIError = cls(
         error.statement,
         error.params,
@@ -196,15 +203,45 @@ def make_error(
     base: type[sa_exc.DBAPIError] = sa_exc.OperationalError,
     cause: BaseException | None = None,
     statement: str | None = None,
+    connection_invalidated: bool = False,
 ) -> sa_exc.DBAPIError:
-    """Build one of our errors that did not come from a driver exception (e.g. circuit open)."""
+    """Build one of our errors that did not come from a DBAPI exception.
+
+    For example circuit open, or a bare ``OSError``/``TimeoutError`` that asyncpg raised
+    without SQLAlchemy wrapping it (then ``cause`` is that exception, kept as ``.orig``).
+    """
     orig = cause if isinstance(cause, Exception) else _Reason(message)
     cls = error_class_for(ours, base)
-    new: sa_exc.DBAPIError = cls(statement, None, orig, code=None)
+    new: sa_exc.DBAPIError = cls(
+        statement, None, orig, code=None, connection_invalidated=connection_invalidated
+    )
     if not isinstance(orig, _Reason):
         new.add_detail(message)
     new.classification = classification  # type: ignore[attr-defined]
     return new
+
+
+def error_from(
+    exc: Exception,
+    classification: Classification,
+    *,
+    statement: str | None = None,
+    connection_invalidated: bool = False,
+) -> sa_exc.DBAPIError:
+    """Our error (an :class:`~sqlalchemy.exc.OperationalError`) for a non-DBAPI exception.
+
+    asyncpg lets some failures escape SQLAlchemy unwrapped: ``OSError`` while connecting
+    (``ConnectionRefusedError: Connect call failed``), ``TimeoutError`` (connect timeout,
+    ``command_timeout``). They are re-raised as ours, with ``exc`` as ``.orig``/``__cause__``.
+    """
+    return make_error(
+        _BY_KIND[classification.kind],
+        f"dbresilience: {classification.kind.value} ({classification.reason})",
+        classification,
+        cause=exc,
+        statement=statement,
+        connection_invalidated=connection_invalidated,
+    )
 
 
 class _Reason(Exception):

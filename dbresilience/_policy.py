@@ -48,6 +48,17 @@ class Policy:
     :param tcp_user_timeout: how long sent data may stay unacknowledged before the kernel drops
         the connection (libpq ``tcp_user_timeout``). Default 30 s.
 
+    asyncpg has none of these connect options: its connect timeout is ``connect_timeout``, and
+    the four settings above are applied to the socket (``SO_KEEPALIVE``, ``TCP_KEEPIDLE``,
+    ``TCP_KEEPINTVL``, ``TCP_KEEPCNT``, ``TCP_USER_TIMEOUT``) right after it connects.
+
+    :param command_timeout: asyncpg only: its client-side bound on each statement (asyncpg's
+        ``command_timeout``, default unbounded there). When it expires asyncpg sends a cancel
+        request; the caller gets :class:`StatementTimeout` (not retried) and the connection is
+        discarded. It catches what keepalives cannot: a peer that acknowledges but never
+        answers (a frozen server, a stuck proxy). Default 60 s, above any query a web request
+        should wait for; 0 turns it off.
+
     Retrying whole transactions (``run_transaction``):
 
     :param attempts: total attempts including the first. Default 10.
@@ -70,6 +81,7 @@ class Policy:
     keepalives_interval: float = 5.0
     keepalives_count: int = 3
     tcp_user_timeout: float = 30.0
+    command_timeout: float = 60.0
     attempts: int = 10
     deadline: float = 30.0
     wait_initial: float = 0.05

@@ -33,6 +33,7 @@ def test_exported_names_are_pinned() -> None:
         "TransactionConflict",
         "add_hook",
         "classify",
+        "create_async_resilient_engine",
         "create_resilient_engine",
         "get_stats",
         "install",

@@ -1,0 +1,264 @@
+"""The async resilient engine (asyncpg and psycopg async) under real faults on a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import exc, text
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    create_async_engine,
+)
+
+import dbresilience
+from dbresilience import (
+    Policy,
+    create_async_resilient_engine,
+    get_stats,
+)
+from dbresilience.testing import PostgresCluster
+from dbresilience.testing._cluster import free_port
+
+DRIVERS = ["asyncpg", "psycopg"]
+
+MakeEngine = Callable[..., AsyncEngine]
+
+
+def _connect_args(driver: str, app: str) -> dict[str, Any]:
+    """Tag our sessions so that faults hit only them on the shared server."""
+    if driver == "asyncpg":
+        return {"server_settings": {"application_name": app}}
+    return {"application_name": app}
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest_asyncio.fixture
+async def make_engine(
+    shared_pg: PostgresCluster, driver: str, request: pytest.FixtureRequest
+) -> AsyncIterator[MakeEngine]:
+    """Factory of resilient engines on the shared server, tagged with the test's name."""
+    app = f"t{abs(hash(request.node.nodeid)) % 10**8}"
+    engines: list[AsyncEngine] = []
+
+    def make(**kw: Any) -> AsyncEngine:
+        kw.setdefault("connect_args", _connect_args(driver, app))
+        engine = create_async_resilient_engine(shared_pg.url(driver), **kw)
+        engines.append(engine)
+        return engine
+
+    make.app = app  # type: ignore[attr-defined]
+    yield make
+    for engine in engines:
+        await engine.dispose()
+
+
+async def _pid(conn: AsyncConnection) -> int:
+    return int((await conn.execute(text("select pg_backend_pid()"))).scalar_one())
+
+
+def _kill(pg: PostgresCluster, make: MakeEngine) -> int:
+    return pg.terminate_backends(application_name=make.app)  # type: ignore[attr-defined]
+
+
+def _sessions(pg: PostgresCluster, make: MakeEngine) -> dict[str, int]:
+    rows = pg.execute(
+        "select coalesce(state, '?'), count(*) from pg_stat_activity "
+        f"where application_name = '{make.app}' group by 1"  # type: ignore[attr-defined]
+    )
+    return {str(state): int(str(n)) for state, n in rows}
+
+
+# -- the factory ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_factory_returns_a_genuine_async_engine(make_engine: MakeEngine) -> None:
+    engine = make_engine()
+    assert isinstance(engine, AsyncEngine)
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("select 41 + 1"))).scalar_one() == 42
+    assert dbresilience._engine_hooks.resilience_of(engine).is_async
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql+psycopg2://u@h/db", "postgresql+pg8000://u@h/db", "sqlite+aiosqlite://"]
+)
+def test_factory_refuses_other_drivers_by_name(url: str) -> None:
+    with pytest.raises(dbresilience.ConfigurationError, match=r"PostgreSQL only|unsupported"):
+        create_async_resilient_engine(url)
+
+
+def test_sync_factory_points_async_urls_to_the_async_one() -> None:
+    with pytest.raises(dbresilience.ConfigurationError, match="create_async_resilient_engine"):
+        dbresilience.create_resilient_engine("postgresql+asyncpg://u@h/db")
+
+
+@pytest.mark.asyncio
+async def test_install_on_an_existing_async_engine(shared_pg: PostgresCluster, driver: str) -> None:
+    engine = create_async_engine(shared_pg.url(driver), connect_args=_connect_args(driver, "inst"))
+    dbresilience.install(engine)
+    with pytest.raises(dbresilience.ConfigurationError, match="already installed"):
+        dbresilience.install(engine)
+    async with engine.connect() as conn:
+        await conn.execute(text("select 1"))
+    shared_pg.terminate_backends(application_name="inst")
+    await asyncio.sleep(0.05)
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("select 1"))).scalar_one() == 1
+    stats = get_stats(engine)
+    assert stats.get("replay.statement", 0) + stats.get("checkout.dead", 0) == 1
+    await engine.dispose()
+
+
+# -- dead connections ----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_killed_idle_connection_is_replaced_transparently(
+    shared_pg: PostgresCluster, make_engine: MakeEngine
+) -> None:
+    engine = make_engine()
+    async with engine.connect() as conn:
+        first = await _pid(conn)
+    assert _kill(shared_pg, make_engine) == 1
+    await asyncio.sleep(0.05)  # within Policy.liveness_window
+    async with engine.begin() as conn:
+        assert await _pid(conn) != first
+    stats = get_stats(engine)
+    # asyncpg reads the FATAL while idle (is_closed() at checkout); psycopg finds out on use.
+    assert stats.get("replay.statement", 0) + stats.get("checkout.dead", 0) == 1
+    assert stats.get("error.disconnect", 0) == 0
+
+
+@pytest.mark.asyncio
+async def test_dead_connection_unread_by_the_loop_is_caught_at_checkout(
+    shared_pg: PostgresCluster, make_engine: MakeEngine
+) -> None:
+    engine = make_engine()
+    async with engine.connect() as conn:
+        first = await _pid(conn)
+    _kill(shared_pg, make_engine)
+    # Block the event loop on purpose: the driver cannot read the FATAL, so only the
+    # zero-round-trip socket check (past the liveness window) can notice the dead peer.
+    time.sleep(0.6)
+    async with engine.connect() as conn:
+        assert await _pid(conn) != first
+    stats = get_stats(engine)
+    assert stats["checkout.dead"] == 1
+    assert stats.get("replay.statement", 0) == 0
+
+
+@pytest.mark.asyncio
+async def test_kill_mid_transaction_is_a_disconnect_and_an_operational_error(
+    shared_pg: PostgresCluster, make_engine: MakeEngine
+) -> None:
+    engine = make_engine()
+    with pytest.raises(exc.OperationalError) as info:
+        async with engine.begin() as conn:
+            await conn.execute(text("select 1"))
+            _kill(shared_pg, make_engine)
+            await conn.execute(text("select 2"))
+    err = info.value
+    # asyncpg's errors reach SQLAlchemy as the generic DBAPIError; ours are OperationalErrors.
+    assert isinstance(err, dbresilience.DisconnectError)
+    assert err.retryable
+    assert err.connection_invalidated
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("select 3"))).scalar_one() == 3
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["asyncpg"])
+async def test_asyncpg_connection_is_closed_is_a_disconnect(make_engine: MakeEngine) -> None:
+    engine = make_engine()
+    with pytest.raises(dbresilience.DisconnectError) as info:
+        async with engine.begin() as conn:
+            await conn.execute(text("select 1"))
+            raw = await conn.get_raw_connection()
+            raw.driver_connection.terminate()  # type: ignore[union-attr]
+            await conn.execute(text("select 2"))
+    assert info.value.classification.reason == "connection is closed"
+    assert isinstance(info.value, exc.DBAPIError) and info.value.connection_invalidated
+
+
+# -- connecting ----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_refused_connect_is_retried_then_database_unavailable(
+    shared_pg: PostgresCluster, driver: str
+) -> None:
+    engine = create_async_resilient_engine(
+        shared_pg.url(driver, port=free_port()), policy=Policy(connect_deadline=0.5)
+    )
+    t0 = time.monotonic()
+    with pytest.raises(exc.OperationalError) as info:
+        await asyncio.wait_for(engine.connect(), timeout=10)
+    elapsed = time.monotonic() - t0
+    err = info.value
+    assert isinstance(err, dbresilience.DatabaseUnavailable)
+    assert err.retryable
+    # asyncpg lets a bare ConnectionRefusedError escape SQLAlchemy: it is kept as the cause.
+    cause = err.__cause__
+    assert isinstance(cause, OSError if driver == "asyncpg" else Exception)
+    assert err.orig is cause
+    assert 0.4 < elapsed < 5
+    assert get_stats(engine)["retry.connect"] >= 2
+    await engine.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["asyncpg"])  # psycopg gets them from libpq parameters
+async def test_asyncpg_gets_bounded_network_defaults(
+    shared_pg: PostgresCluster, make_engine: MakeEngine
+) -> None:
+    engine = make_engine(policy=Policy(tcp_user_timeout=12.0, command_timeout=7.0))
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None
+    sock = raw._transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 12_000
+    assert raw._config.command_timeout == 7.0
+    # The application's own settings win.
+    mine = create_async_resilient_engine(
+        shared_pg.url("asyncpg"), connect_args={"command_timeout": 3, "timeout": 2}
+    )
+    async with mine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None and raw._config.command_timeout == 3
+    await mine.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["asyncpg"])
+async def test_asyncpg_command_timeout_is_a_statement_timeout_never_retried(
+    shared_pg: PostgresCluster, make_engine: MakeEngine
+) -> None:
+    engine = make_engine(policy=Policy(command_timeout=0.3))
+    t0 = time.monotonic()
+    with pytest.raises(exc.OperationalError) as info:
+        async with engine.begin() as conn:
+            await conn.execute(text("select pg_sleep(5)"))
+    assert time.monotonic() - t0 < 2.5
+    assert isinstance(info.value, dbresilience.StatementTimeout)
+    assert not info.value.retryable
+    assert isinstance(info.value.__cause__, TimeoutError)
+    # asyncpg cancelled the query on the server and the connection was discarded.
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("select 1"))).scalar_one() == 1
+    await asyncio.sleep(0.2)
+    assert _sessions(shared_pg, make_engine).get("active", 0) == 0
