@@ -7,6 +7,7 @@ survives server restarts, killed backends, reset sockets and overload without co
 
 from __future__ import annotations
 
+from dbresilience._async_transactions import async_session_factory, run_async_transaction
 from dbresilience._classification import Classification, ErrorKind, classify
 from dbresilience._engine import create_async_resilient_engine, create_resilient_engine
 from dbresilience._engine_hooks import IDEMPOTENT_OPTION, get_stats, install
@@ -46,12 +47,14 @@ __all__ = [
     "Stats",
     "TransactionConflict",
     "add_hook",
+    "async_session_factory",
     "classify",
     "create_async_resilient_engine",
     "create_resilient_engine",
     "get_stats",
     "install",
     "remove_hook",
+    "run_async_transaction",
     "run_transaction",
     "set_testing",
     "transactional",

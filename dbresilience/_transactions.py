@@ -9,11 +9,15 @@ verified-aborted transaction, or raises :class:`CommitOutcomeUnknown`.
 
 ``fn`` may therefore run more than once: it must not commit, and side effects outside the
 database (emails, HTTP calls) belong after :func:`run_transaction` returns.
+
+The asyncio runner (``_async_transactions``) shares :func:`engine_of` and
+:func:`transaction_retrying_kwargs`; only the running of one attempt differs.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -80,26 +84,35 @@ def transaction_retrying_kwargs(
     )
 
 
+def _checked(result: T) -> T:
+    if inspect.isawaitable(result):
+        getattr(result, "close", lambda: None)()  # no "never awaited" warning
+        raise ConfigurationError(
+            "run_transaction() got an awaitable from fn: for async def use run_async_transaction()"
+        )
+    return result
+
+
 def _once(target: Target, fn: Callable[[Any], T]) -> T:
     if isinstance(target, Engine):
         with target.connect() as conn, conn.begin():
-            return fn(conn)
+            return _checked(fn(conn))
     if isinstance(target, Connection):
         if target.in_transaction():
             raise ConfigurationError(
                 "run_transaction() needs a Connection without a transaction in progress"
             )
         with target.begin():
-            return fn(target)
+            return _checked(fn(target))
     if isinstance(target, Session):
         if target.in_transaction():
             raise ConfigurationError(
                 "run_transaction() needs a Session without a transaction in progress"
             )
         with target.begin():
-            return fn(target)
+            return _checked(fn(target))
     with target() as session, session.begin():
-        return fn(session)
+        return _checked(fn(session))
 
 
 def run_transaction(target: Target, fn: Callable[[Any], T], *, policy: Policy | None = None) -> T:
@@ -113,6 +126,11 @@ def run_transaction(target: Target, fn: Callable[[Any], T], *, policy: Policy | 
     :returns: what ``fn`` returned on the attempt that committed.
     :raises: the last classified error when it is not retryable or the budget is spent.
     """
+    if not isinstance(target, (Engine, Connection, Session, sessionmaker)):
+        raise ConfigurationError(
+            "run_transaction() needs an Engine, Connection, Session or sessionmaker, got "
+            f"{type(target).__name__}; for asyncio ones use run_async_transaction()"
+        )
     state = resilience_of(engine_of(target))
     retrying = tenacity.Retrying(**transaction_retrying_kwargs(state, policy))
     result: T = retrying(_once, target, fn)

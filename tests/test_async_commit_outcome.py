@@ -12,7 +12,7 @@ from sqlalchemy import exc, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import dbresilience
-from dbresilience import Policy, create_async_resilient_engine, get_stats
+from dbresilience import Policy, create_async_resilient_engine, get_stats, run_async_transaction
 from dbresilience.testing import ChaosProxy, PostgresCluster
 
 
@@ -74,6 +74,23 @@ async def test_commit_that_failed_on_the_server_is_retryable(
     assert "verified not committed" in info.value.classification.reason
     assert _rows(pg, "child") == []
     assert get_stats(via_proxy)["commit.aborted"] == 1
+
+
+@pytest.mark.asyncio
+async def test_run_async_transaction_never_reruns_a_verified_commit(
+    pg: PostgresCluster, proxy: ChaosProxy, via_proxy: AsyncEngine
+) -> None:
+    calls = []
+
+    async def insert(conn: object) -> None:
+        calls.append(1)
+        await conn.execute(text(f"insert into ledger values ({len(calls)})"))  # type: ignore[attr-defined]
+        if len(calls) == 1:
+            proxy.close_after(match=b"COMMIT")
+
+    await run_async_transaction(via_proxy, insert)
+    assert calls == [1]  # committed: success, not a retry
+    assert _rows(pg, "ledger") == [1]
 
 
 @pytest.mark.asyncio

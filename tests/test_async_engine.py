@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -14,14 +15,18 @@ from sqlalchemy import exc, text
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
     create_async_engine,
 )
 
 import dbresilience
 from dbresilience import (
     Policy,
+    async_session_factory,
     create_async_resilient_engine,
     get_stats,
+    run_async_transaction,
 )
 from dbresilience.testing import PostgresCluster
 from dbresilience.testing._cluster import free_port
@@ -249,16 +254,162 @@ async def test_asyncpg_command_timeout_is_a_statement_timeout_never_retried(
     shared_pg: PostgresCluster, make_engine: MakeEngine
 ) -> None:
     engine = make_engine(policy=Policy(command_timeout=0.3))
+    attempts = []
+
+    async def slow(conn: AsyncConnection) -> None:
+        attempts.append(1)
+        await conn.execute(text("select pg_sleep(5)"))
+
     t0 = time.monotonic()
     with pytest.raises(exc.OperationalError) as info:
-        async with engine.begin() as conn:
-            await conn.execute(text("select pg_sleep(5)"))
+        await asyncio.wait_for(run_async_transaction(engine, slow), timeout=10)
     assert time.monotonic() - t0 < 2.5
     assert isinstance(info.value, dbresilience.StatementTimeout)
     assert not info.value.retryable
     assert isinstance(info.value.__cause__, TimeoutError)
+    assert attempts == [1]
     # asyncpg cancelled the query on the server and the connection was discarded.
     async with engine.connect() as conn:
         assert (await conn.execute(text("select 1"))).scalar_one() == 1
     await asyncio.sleep(0.2)
     assert _sessions(shared_pg, make_engine).get("active", 0) == 0
+
+
+# -- run_async_transaction and the session factory --------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_run_async_transaction_retries_a_lost_connection_once(
+    shared_pg: PostgresCluster, make_engine: MakeEngine
+) -> None:
+    shared_pg.execute("create table if not exists async_items (id serial primary key, name text)")
+    engine = make_engine()
+    SessionLocal = async_session_factory(engine)
+    calls = []
+
+    async def add(session: AsyncSession) -> int:
+        calls.append(1)
+        result = await session.execute(
+            text("insert into async_items (name) values ('gadget') returning id")
+        )
+        if len(calls) == 1:
+            _kill(shared_pg, make_engine)  # the first attempt dies before COMMIT
+            await session.execute(text("select 1"))
+        return int(result.scalar_one())
+
+    with dbresilience.set_testing(True):
+        new_id = await asyncio.wait_for(run_async_transaction(SessionLocal, add), timeout=20)
+    assert len(calls) == 2
+    assert shared_pg.execute(f"select name from async_items where id = {new_id}") == [("gadget",)]
+    assert get_stats(engine)["retry.transaction.disconnect"] == 1
+
+
+@pytest.mark.asyncio
+async def test_run_async_transaction_targets(
+    shared_pg: PostgresCluster, make_engine: MakeEngine
+) -> None:
+    engine = make_engine()
+    SessionLocal = async_session_factory(engine)
+    assert isinstance(SessionLocal, async_sessionmaker)
+
+    async def one(c: Any) -> int:
+        return int((await c.execute(text("select 1"))).scalar_one())
+
+    assert await run_async_transaction(engine, one) == 1
+    assert await run_async_transaction(SessionLocal, one) == 1
+    async with engine.connect() as conn:
+        assert await run_async_transaction(conn, one) == 1
+        await conn.execute(text("select 1"))  # autobegin
+        with pytest.raises(dbresilience.ConfigurationError, match="without a transaction"):
+            await run_async_transaction(conn, one)
+    # The FastAPI dependency: a session, closed afterwards; usable as a target itself.
+    dependency = SessionLocal.dependency()
+    session = await anext(dependency)
+    assert isinstance(session, AsyncSession)
+    assert await run_async_transaction(session, one) == 1
+    await dependency.aclose()
+    assert not session.in_transaction()
+
+
+@pytest.mark.asyncio
+async def test_non_retryable_error_propagates_at_once(make_engine: MakeEngine) -> None:
+    engine = make_engine()
+    attempts = []
+
+    async def bad(conn: AsyncConnection) -> None:
+        attempts.append(1)
+        await conn.execute(text("select * from no_such_table"))
+
+    with pytest.raises(exc.ProgrammingError, match="no_such_table"):
+        await run_async_transaction(engine, bad)
+    assert attempts == [1]
+
+
+@pytest.mark.asyncio
+async def test_plain_engines_and_sync_targets_are_refused(shared_pg: PostgresCluster) -> None:
+    plain = create_async_engine(shared_pg.url("asyncpg"))
+    with pytest.raises(dbresilience.ConfigurationError, match="not a resilient engine"):
+        await run_async_transaction(plain, lambda c: asyncio.sleep(0))
+    with pytest.raises(dbresilience.ConfigurationError, match="not a resilient engine"):
+        async_session_factory(plain)
+    await plain.dispose()
+    sync_engine = dbresilience.create_resilient_engine(shared_pg.url())
+    with pytest.raises(dbresilience.ConfigurationError, match="use run_transaction"):
+        await run_async_transaction(sync_engine, lambda c: asyncio.sleep(0))  # type: ignore[arg-type]
+
+    async def coroutine_fn(conn: object) -> None: ...
+
+    with pytest.raises(dbresilience.ConfigurationError, match="use run_async_transaction"):
+        _ = dbresilience.run_transaction(sync_engine, coroutine_fn)
+    sync_engine.dispose()
+
+
+# -- cancellation --------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_cancelled_mid_query_leaves_no_broken_connection(
+    shared_pg: PostgresCluster, make_engine: MakeEngine
+) -> None:
+    shared_pg.execute("create table if not exists async_cancel (x int)")
+    engine = make_engine(pool_size=8, max_overflow=0)
+    rnd = random.Random(7)
+    outcomes = {"cancelled": 0, "completed": 0}
+    attempts = []
+
+    async def unit(conn: AsyncConnection) -> None:
+        attempts.append(1)
+        await conn.execute(text("insert into async_cancel values (1)"))
+        await conn.execute(text("select pg_sleep(:s)"), {"s": rnd.choice([0, 0.002, 0.01])})
+        await conn.execute(text("select count(*) from async_cancel"))
+
+    async def one() -> None:
+        try:
+            # Cancelled wherever it is: checkout, connect, a statement, COMMIT, checkin.
+            await asyncio.wait_for(run_async_transaction(engine, unit), rnd.uniform(0.001, 0.08))
+            outcomes["completed"] += 1
+        except TimeoutError:
+            outcomes["cancelled"] += 1
+
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        await asyncio.gather(*(one() for _ in range(16)))
+    print(f"\n{outcomes} attempts={len(attempts)} {get_stats(engine)}")
+    assert outcomes["cancelled"] > 100 and outcomes["completed"] > 20
+    assert len(attempts) - outcomes["completed"] > 50  # cancelled inside the transaction
+    assert get_stats(engine).get("retry.transaction", 0) == 0  # and never retried
+
+    # Every pooled connection is usable: 200 concurrent checkouts over the 8, no error.
+    async def check(i: int) -> int:
+        async with engine.connect() as conn:
+            return int((await conn.execute(text("select cast(:i as int)"), {"i": i})).scalar_one())
+
+    assert await asyncio.wait_for(asyncio.gather(*(check(i) for i in range(200))), 20) == list(
+        range(200)
+    )
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    # And nothing was left running or holding a transaction on the server.
+    await asyncio.sleep(0.3)
+    sessions = _sessions(shared_pg, make_engine)
+    assert set(sessions) <= {"idle"}, sessions
+    assert sessions.get("idle", 0) <= 8
