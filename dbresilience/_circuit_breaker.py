@@ -100,6 +100,11 @@ class CircuitBreaker:
             self._consecutive = 0
             self._probe_in_flight = False
 
+    def abandon(self) -> None:
+        """An attempt ended without a verdict (cancelled): free the half-open probe slot."""
+        with self._lock:
+            self._probe_in_flight = False
+
     def record_failure(self) -> bool:
         """A connect failed for a connectivity reason. Returns True if this opened the breaker."""
         with self._lock:

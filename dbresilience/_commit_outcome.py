@@ -185,12 +185,14 @@ class CommitResolver:
             conn = self._creator()
         finally:
             connect_budget.reset(token)
+        key = self._state.arm(conn)  # a silent network must not hang the check
         try:
             if _identity(conn) != identity:
                 raise _NotSameServer
             status = _one(conn, _STATUS_SQL.format(xid))
             return None if status is None else str(status)
         finally:
+            self._state.disarm(key)
             with contextlib.suppress(Exception):
                 conn.close()
 

@@ -38,6 +38,13 @@ class Driver:
         """Close the connection at once; drivers do it without I/O (safe in a cancelled task)."""
         dbapi_conn.close()
 
+    def fileno(self, dbapi_conn: Any) -> int:
+        """The socket's descriptor, for the watchdog (drivers without a timeout of their own)."""
+        raise NotImplementedError
+
+    #: Whether blocking calls need :mod:`dbresilience._watchdog` (no client timeout in driver).
+    needs_watchdog = False
+
     def closed(self, dbapi_conn: Any) -> bool:
         """True when the driver already knows the connection is closed or broken (no I/O)."""
         return False
@@ -82,6 +89,11 @@ class _Psycopg(Driver):
         if pgconn is None:  # SQLAlchemy's async adapter wraps psycopg.AsyncConnection
             pgconn = dbapi_conn._connection.pgconn
         return pgconn
+
+    needs_watchdog = True  # libpq has no client-side statement timeout
+
+    def fileno(self, dbapi_conn: Any) -> int:
+        return int(self._pgconn(dbapi_conn).socket)
 
     def closed(self, dbapi_conn: Any) -> bool:
         return bool(self._pgconn(dbapi_conn).status != 0)  # CONNECTION_OK == 0

@@ -36,14 +36,16 @@ from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect, ExceptionCont
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
+from dbresilience._circuit_breaker import CircuitBreaker
 from dbresilience._classification import Classification, ErrorKind, classify
 from dbresilience._commit_outcome import CommitOutcome, CommitResolver, connect_budget, verdict_of
 from dbresilience._drivers import Driver, driver_for
-from dbresilience._errors import ConfigurationError, error_from, wrap
-from dbresilience._observability import Stats
+from dbresilience._errors import CircuitOpen, ConfigurationError, error_from, make_error, wrap
+from dbresilience._observability import Stats, logger
 from dbresilience._policy import Policy
 from dbresilience._redaction import mask_url
 from dbresilience._retrying import retry_kwargs
+from dbresilience._watchdog import watchdog
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -61,8 +63,12 @@ _CONNECT_RETRY_KINDS = frozenset(
 )
 
 
+# Failures that say "the server cannot be reached": the only ones the circuit breaker counts.
+_CONNECTIVITY_KINDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.DISCONNECT})
+
+
 def _connect_retryable(exc: BaseException) -> bool:
-    return classify(exc).kind in _CONNECT_RETRY_KINDS
+    return not isinstance(exc, CircuitOpen) and classify(exc).kind in _CONNECT_RETRY_KINDS
 
 
 def during_commit(exc: BaseException) -> bool:
@@ -81,6 +87,38 @@ class EngineResilience:
         self.stats = Stats(self.name)
         self.is_async = bool(engine.dialect.is_async)
         self.engine_ref = weakref.ref(engine)
+        self.breaker: CircuitBreaker | None = None
+        if policy.circuit_breaker:
+            self.breaker = CircuitBreaker(
+                failures=policy.breaker_failures,
+                min_duration=policy.breaker_min_duration,
+                cooldown=policy.breaker_cooldown,
+            )
+        # Seconds the watchdog gives each blocking driver call (0: not needed / turned off).
+        self.call_bound = policy.command_timeout if self.driver.needs_watchdog else 0.0
+
+    # -- bounded calls -------------------------------------------------------------------------
+
+    def arm(self, dbapi_conn: Any) -> int | None:
+        """Start the watchdog on a blocking call on ``dbapi_conn``; pair with :meth:`disarm`."""
+        if not self.call_bound:
+            return None
+        raw = getattr(dbapi_conn, "dbapi_connection", dbapi_conn)  # unwrap the pool proxy
+        return watchdog.arm(self.call_bound, lambda: self.driver.fileno(raw), self._overran)
+
+    @staticmethod
+    def disarm(key: int | None) -> None:
+        if key is not None:
+            watchdog.disarm(key)
+
+    def _overran(self) -> None:
+        self.stats.incr("watchdog.fired")
+        logger.warning(
+            "no answer from the server within command_timeout=%.1fs: connection shut down, "
+            "engine=%s",
+            self.call_bound,
+            self.name,
+        )
 
     # -- waiting ---------------------------------------------------------------------------
 
@@ -116,9 +154,9 @@ class EngineResilience:
             ),
         )
         try:
-            connection: DBAPIConnection = retrying(dialect.connect, *cargs, **cparams)
+            connection: DBAPIConnection = retrying(self._connect_once, dialect, cargs, cparams)
         except Exception as exc:
-            if isinstance(exc, dialect.loaded_dbapi.Error):
+            if isinstance(exc, (dialect.loaded_dbapi.Error, CircuitOpen)):
                 raise  # SQLAlchemy wraps it and on_handle_error classifies it
             raise self._connect_error(exc) from exc
         except BaseException as exc:
@@ -128,6 +166,40 @@ class EngineResilience:
             traceback.clear_frames(exc.__traceback__)
             raise
         driver.configure(connection, policy)
+        return connection
+
+    def _connect_once(
+        self, dialect: Dialect, cargs: Any, cparams: dict[str, Any]
+    ) -> DBAPIConnection:
+        """One connect attempt, through the circuit breaker."""
+        breaker = self.breaker
+        if breaker is None:
+            return dialect.connect(*cargs, **cparams)
+        if not breaker.allow():
+            wait = breaker.retry_after()
+            error = make_error(
+                CircuitOpen,
+                f"circuit breaker open: failing fast without connecting to {self.name}; "
+                f"next probe in {wait:.1f}s",
+                Classification(ErrorKind.UNAVAILABLE, None, "circuit open"),
+            )
+            error.retry_after = wait  # type: ignore[attr-defined]
+            self.stats.incr("breaker.fail_fast")
+            raise error
+        try:
+            connection: DBAPIConnection = dialect.connect(*cargs, **cparams)
+        except Exception as exc:
+            self.stats.incr("connect.failed")
+            if classify(exc).kind not in _CONNECTIVITY_KINDS:
+                breaker.record_success()  # reached the server (e.g. auth failed): not down
+            elif breaker.record_failure():
+                self.stats.incr("breaker.opened")
+                logger.warning("circuit breaker opened for %s", self.name)
+            raise
+        except BaseException:
+            breaker.abandon()  # cancelled: let another caller probe
+            raise
+        breaker.record_success()
         return connection
 
     def _connect_error(self, exc: Exception) -> Exception:
@@ -162,10 +234,13 @@ class EngineResilience:
         engine = self.engine_ref()
         alive = False
         if engine is not None:
+            key = self.arm(dbapi_conn)
             try:
                 alive = bool(engine.dialect.do_ping(dbapi_conn))
             except Exception:
                 alive = False
+            finally:
+                self.disarm(key)
         if not alive:
             self.stats.incr("checkout.dead")
             raise sa_exc.DisconnectionError(
@@ -227,9 +302,15 @@ class EngineResilience:
         raw = context._dbapi_connection.dbapi_connection
         driver = self.driver
         # Read *before* executing: afterwards a broken connection reports nothing useful.
-        replayable = driver.transaction_idle(raw) and (
-            not driver.autocommit(raw) or bool(context.execution_options.get(IDEMPOTENT_OPTION))
+        replayable = (
+            self.policy.replay_first_statement
+            and driver.transaction_idle(raw)
+            and (
+                not driver.autocommit(raw)
+                or bool(context.execution_options.get(IDEMPOTENT_OPTION))
+            )
         )
+        key = self.arm(raw)
         try:
             getattr(cursor, method)(*args)
             return
@@ -240,7 +321,13 @@ class EngineResilience:
             if found.kind is not ErrorKind.DISCONNECT:
                 raise
             new_cursor = self._reconnect(context, exc, found)
-        getattr(new_cursor, method)(*args)
+        finally:
+            self.disarm(key)
+        key = self.arm(context._dbapi_connection.dbapi_connection)
+        try:
+            getattr(new_cursor, method)(*args)
+        finally:
+            self.disarm(key)
         context.cursor = new_cursor
 
     def _reconnect(self, context: Any, exc: BaseException, found: Classification) -> Any:
@@ -297,6 +384,7 @@ class EngineResilience:
         verify = self.policy.verify_commits
 
         def commit(dbapi_connection: Any) -> None:
+            key = self.arm(dbapi_connection)
             try:
                 if verify:
                     resolver.commit(dbapi_connection, do_commit)
@@ -306,8 +394,11 @@ class EngineResilience:
                 with contextlib.suppress(AttributeError):  # exception types with __slots__
                     setattr(exc, _DURING_COMMIT, True)
                 raise
+            finally:
+                self.disarm(key)
 
         def rollback(dbapi_connection: Any) -> None:
+            key = self.arm(dbapi_connection)
             try:
                 do_rollback(dbapi_connection)
             except Exception as exc:
@@ -318,6 +409,8 @@ class EngineResilience:
                 raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
                 with contextlib.suppress(Exception):
                     raw.close()
+            finally:
+                self.disarm(key)
 
         dialect.do_commit = commit  # type: ignore[method-assign]
         dialect.do_rollback = rollback  # type: ignore[method-assign]
@@ -358,7 +451,7 @@ def install(engine: Engine | AsyncEngine, policy: Policy | None = None) -> Engin
     event.listen(sync_engine, "checkout", state.on_checkout)
     event.listen(sync_engine, "checkin", state.on_checkin)
     event.listen(sync_engine, "handle_error", state.on_handle_error)
-    if state.policy.replay_first_statement:
+    if state.policy.replay_first_statement or state.call_bound:
         event.listen(sync_engine, "do_execute", state.on_do_execute)
         event.listen(sync_engine, "do_execute_no_params", state.on_do_execute_no_params)
         event.listen(sync_engine, "do_executemany", state.on_do_executemany)

@@ -52,12 +52,15 @@ class Policy:
     the four settings above are applied to the socket (``SO_KEEPALIVE``, ``TCP_KEEPIDLE``,
     ``TCP_KEEPINTVL``, ``TCP_KEEPCNT``, ``TCP_USER_TIMEOUT``) right after it connects.
 
-    :param command_timeout: asyncpg only: its client-side bound on each statement (asyncpg's
-        ``command_timeout``, default unbounded there). When it expires asyncpg sends a cancel
-        request; the caller gets :class:`StatementTimeout` (not retried) and the connection is
-        discarded. It catches what keepalives cannot: a peer that acknowledges but never
-        answers (a frozen server, a stuck proxy). Default 60 s, above any query a web request
-        should wait for; 0 turns it off.
+    :param command_timeout: client-side bound on each statement, COMMIT and ROLLBACK waiting
+        for the server; it catches what keepalives cannot: a peer that acknowledges but never
+        answers (a frozen server, a stuck proxy, a blackhole behind a proxy). psycopg: a
+        watchdog shuts the socket down past it (plus 0.1 s); the call fails with a
+        ``DisconnectError`` (retryable; during COMMIT the outcome is then verified). asyncpg:
+        passed as asyncpg's own ``command_timeout`` (unbounded there by default); it sends a
+        cancel request and the caller gets :class:`StatementTimeout` (not retried), the
+        connection is discarded. Default 60 s, above any query a web request should wait for;
+        0 turns it off.
 
     Retrying whole transactions (``run_transaction``):
 
@@ -67,6 +70,14 @@ class Policy:
     :param wait_max: backoff cap. Default 1 s.
     :param verify_commits: record the transaction id before COMMIT and, if the connection dies
         during COMMIT, ask the server whether it committed instead of guessing. Default True.
+    :param circuit_breaker: fail fast with ``CircuitOpen`` while the server is down.
+        Default True.
+    :param breaker_failures: consecutive failed connect attempts before the breaker opens.
+        Default 5.
+    :param breaker_min_duration: ...and the failures must have lasted this long, so a quick
+        restart (1-3 s) never opens it. Default 3 s.
+    :param breaker_cooldown: time the breaker stays open before one probe connect is let
+        through (half-open). Default 5 s.
     :param commit_check_timeout: bound for resolving one ambiguous commit (reconnect and ask,
         waiting while the transaction is still "in progress"). Default 10 s.
     """
@@ -88,6 +99,10 @@ class Policy:
     wait_max: float = 1.0
     verify_commits: bool = True
     commit_check_timeout: float = 10.0
+    circuit_breaker: bool = True
+    breaker_failures: int = 5
+    breaker_min_duration: float = 3.0
+    breaker_cooldown: float = 5.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -2,7 +2,9 @@
 
 All retries go through tenacity with exponential backoff and full jitter
 (``wait_random_exponential``), an attempt cap and an overall deadline; the last wait is cut
-so that it never sleeps past the deadline. :func:`set_testing` removes the sleeps (and can cap
+so that it never sleeps past the deadline. A failure carrying ``retry_after`` (an open
+circuit breaker) waits at least that long, or ends the loop at once when the breaker would
+still be open at the deadline. :func:`set_testing` removes the sleeps (and can cap
 attempts) for users' test suites, like ``stamina.set_testing``.
 """
 
@@ -69,7 +71,27 @@ class _Wait(tenacity.wait.wait_base):
         if _testing:
             return 0.0
         elapsed = retry_state.seconds_since_start or 0.0
-        return max(0.0, min(self._inner(retry_state), self._deadline - elapsed))
+        wait = max(self._inner(retry_state), _retry_after(retry_state))
+        return max(0.0, min(wait, self._deadline - elapsed))
+
+
+def _retry_after(retry_state: tenacity.RetryCallState) -> float:
+    """Seconds the failure asked us to wait (an open circuit breaker's cool-down), else 0."""
+    outcome = retry_state.outcome
+    exc = outcome.exception() if outcome is not None and outcome.failed else None
+    value = getattr(exc, "retry_after", 0.0)
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+class _BreakerStop(tenacity.stop.stop_base):
+    """Stop at once when the circuit breaker will still be open at the deadline."""
+
+    def __init__(self, deadline: float) -> None:
+        self._deadline = deadline
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        elapsed = retry_state.seconds_since_start or 0.0
+        return elapsed + _retry_after(retry_state) >= self._deadline
 
 
 def retry_kwargs(
@@ -94,7 +116,11 @@ def retry_kwargs(
             stats.retry(what, state.attempt_number, wait, classify(exc))
 
     return {
-        "stop": tenacity.stop_after_attempt(attempts) | tenacity.stop_after_delay(deadline),
+        "stop": (
+            tenacity.stop_after_attempt(attempts)
+            | tenacity.stop_after_delay(deadline)
+            | _BreakerStop(deadline)
+        ),
         "wait": _Wait(wait_initial, wait_max, deadline),
         "retry": tenacity.retry_if_exception(retry_if),
         "before_sleep": before_sleep,
