@@ -23,6 +23,7 @@ from dbresilience._errors import (
     StatementTimeout,
     TransactionConflict,
 )
+from dbresilience._health import HealthReport, PoolCounts, check_health, check_health_async
 from dbresilience._observability import RetryDetails, RetryHook, Stats, add_hook, remove_hook
 from dbresilience._policy import Policy
 from dbresilience._retrying import set_testing
@@ -37,8 +38,10 @@ __all__ = [
     "DatabaseUnavailable",
     "DisconnectError",
     "ErrorKind",
+    "HealthReport",
     "PermanentError",
     "Policy",
+    "PoolCounts",
     "ResilienceError",
     "ResourceExhausted",
     "RetryDetails",
@@ -48,6 +51,8 @@ __all__ = [
     "TransactionConflict",
     "add_hook",
     "async_session_factory",
+    "check_health",
+    "check_health_async",
     "classify",
     "create_async_resilient_engine",
     "create_resilient_engine",

@@ -74,6 +74,13 @@ class CircuitBreaker:
                 return 0.0
             return max(0.0, self.cooldown - (self._clock() - self._opened_at))
 
+    def rejecting(self) -> bool:
+        """True while open and still cooling down: callers should fail fast right away."""
+        if self._state != "open":  # no lock: the common case costs one attribute read
+            return False
+        with self._lock:
+            return self._state == "open" and self._clock() - self._opened_at < self.cooldown
+
     def allow(self) -> bool:
         """May a connect attempt go ahead now? (In half-open, only the one probe may.)"""
         if self._state == "closed":  # fast path, no lock: a stale read only delays by one call

@@ -134,6 +134,8 @@ class EngineResilience:
     def on_do_connect(
         self, dialect: Dialect, conn_rec: ConnectionPoolEntry, cargs: Any, cparams: dict[str, Any]
     ) -> DBAPIConnection:
+        if self.breaker is not None and self.breaker.rejecting():
+            raise self._circuit_open(self.breaker)  # before building any retry machinery
         driver = self.driver
         policy = self.policy
         driver.apply_network_defaults(cparams, policy)
@@ -176,16 +178,7 @@ class EngineResilience:
         if breaker is None:
             return dialect.connect(*cargs, **cparams)
         if not breaker.allow():
-            wait = breaker.retry_after()
-            error = make_error(
-                CircuitOpen,
-                f"circuit breaker open: failing fast without connecting to {self.name}; "
-                f"next probe in {wait:.1f}s",
-                Classification(ErrorKind.UNAVAILABLE, None, "circuit open"),
-            )
-            error.retry_after = wait  # type: ignore[attr-defined]
-            self.stats.incr("breaker.fail_fast")
-            raise error
+            raise self._circuit_open(breaker)
         try:
             connection: DBAPIConnection = dialect.connect(*cargs, **cparams)
         except Exception as exc:
@@ -201,6 +194,18 @@ class EngineResilience:
             raise
         breaker.record_success()
         return connection
+
+    def _circuit_open(self, breaker: CircuitBreaker) -> Exception:
+        wait = breaker.retry_after()
+        error = make_error(
+            CircuitOpen,
+            f"circuit breaker open: failing fast without connecting to {self.name}; "
+            f"next probe in {wait:.1f}s",
+            Classification(ErrorKind.UNAVAILABLE, None, "circuit open"),
+        )
+        error.retry_after = wait  # type: ignore[attr-defined]
+        self.stats.incr("breaker.fail_fast")
+        return error
 
     def _connect_error(self, exc: Exception) -> Exception:
         """What to raise for a non-DBAPI connect failure (asyncpg: bare ``OSError``...)."""

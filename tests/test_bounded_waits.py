@@ -1,0 +1,252 @@
+"""Issue #5's acceptance runs: a blackholed network and a server that stays down.
+
+Every call returns - success or a classified error - within the bound the policy documents;
+while the server is down the circuit breaker makes calls fail fast without touching the
+network, and the first probe after the cool-down brings the engine back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import text
+
+import dbresilience
+from dbresilience import Policy, create_resilient_engine, get_stats
+from dbresilience.testing import ChaosProxy, PostgresCluster
+
+BLACKHOLE = 13.0
+# Small bounds so the blackhole outlasts them; the defaults are documented in Policy.
+POLICY = Policy(
+    command_timeout=1.0,
+    connect_timeout=2,
+    connect_deadline=2.0,
+    commit_check_timeout=2.0,
+    circuit_breaker=False,
+)
+
+
+def call_bound(policy: Policy) -> float:
+    """Longest one `with engine.begin(): 2 statements` call may take, from the policy.
+
+    Getting a connection: connect_deadline plus one last connect_timeout. Each statement,
+    the commit id query, COMMIT and ROLLBACK: command_timeout each (plus the watchdog's tick).
+    A lost COMMIT: commit_check_timeout (plus one connect_timeout for the last check).
+    """
+    connect = policy.connect_deadline + policy.connect_timeout
+    calls = 4 * (policy.command_timeout + 0.1)
+    commit_check = policy.commit_check_timeout + policy.connect_timeout
+    return connect + calls + commit_check
+
+
+def _hammer(
+    call: Callable[[], None], threads: int, stop: threading.Event
+) -> tuple[list[float], list[str], list[threading.Thread]]:
+    latencies: list[float] = []
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                call()
+                outcome = "ok"
+            except dbresilience.ResilienceError as e:
+                outcome = type(e).__name__
+            dt = time.monotonic() - t0
+            with lock:
+                latencies.append(dt)
+                outcomes.append(outcome)
+
+    pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    return latencies, outcomes, pool
+
+
+def test_blackhole_sync_every_call_returns_within_the_bound(pg: PostgresCluster) -> None:
+    pg.execute("create table ledger (id serial primary key, n int)")
+    with ChaosProxy(pg.host, pg.port) as proxy:
+        engine = create_resilient_engine(pg.url(port=proxy.port), policy=POLICY, pool_size=8)
+
+        def call() -> None:
+            with engine.begin() as conn:
+                conn.execute(text("insert into ledger (n) values (1)"))
+                conn.execute(text("select count(*) from ledger")).scalar_one()
+
+        stop = threading.Event()
+        latencies, outcomes, threads = _hammer(call, 8, stop)
+        time.sleep(1.0)
+        proxy.blackhole()
+        time.sleep(BLACKHOLE)
+        proxy.passthrough()
+        time.sleep(2.0)
+        stop.set()
+        for t in threads:
+            t.join(timeout=call_bound(POLICY) + 5)
+        assert not any(t.is_alive() for t in threads), "a thread is stuck"
+        worst = max(latencies)
+        errors = {o for o in outcomes if o != "ok"}
+        print(
+            f"\nsync blackhole: calls={len(latencies)} worst={worst:.2f}s "
+            f"bound={call_bound(POLICY):.1f}s errors={sorted(errors)} "
+            f"watchdog={get_stats(engine).get('watchdog.fired', 0)}"
+        )
+        assert worst < call_bound(POLICY)
+        assert errors, "the blackhole must have surfaced (classified) errors"
+        assert get_stats(engine)["watchdog.fired"] > 0
+        assert outcomes[-1] == "ok", "the engine works again after the blackhole"
+        engine.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_blackhole_async_every_task_returns_within_the_bound(
+    pg: PostgresCluster, driver: str
+) -> None:
+    from dbresilience import create_async_resilient_engine
+
+    pg.execute("create table ledger (id serial primary key, n int)")
+    with ChaosProxy(pg.host, pg.port) as proxy:
+        engine = create_async_resilient_engine(
+            pg.url(driver, port=proxy.port), policy=POLICY, pool_size=16
+        )
+        latencies: list[float] = []
+        outcomes: list[str] = []
+        stop = asyncio.Event()
+
+        async def task() -> None:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    async with engine.begin() as conn:
+                        await conn.execute(text("insert into ledger (n) values (1)"))
+                        await conn.execute(text("select count(*) from ledger"))
+                    outcomes.append("ok")
+                except dbresilience.ResilienceError as e:
+                    outcomes.append(type(e).__name__)
+                latencies.append(time.monotonic() - t0)
+
+        tasks = [asyncio.create_task(task()) for _ in range(16)]
+        await asyncio.sleep(1.0)
+        proxy.blackhole()
+        await asyncio.sleep(BLACKHOLE)
+        proxy.passthrough()
+        await asyncio.sleep(2.0)
+        stop.set()
+        _, pending = await asyncio.wait(tasks, timeout=call_bound(POLICY) + 5)
+        assert not pending, f"{len(pending)} tasks stuck"
+        worst = max(latencies)
+        print(
+            f"\n{driver} async blackhole: calls={len(latencies)} worst={worst:.2f}s "
+            f"bound={call_bound(POLICY):.1f}s errors={sorted(set(outcomes) - {'ok'})}"
+        )
+        assert worst < call_bound(POLICY)
+        assert outcomes[-1] == "ok"
+        await engine.dispose()
+
+
+def test_server_down_breaker_fails_fast_and_recovers(pg: PostgresCluster) -> None:
+    policy = Policy(breaker_cooldown=2.0, breaker_min_duration=3.0, connect_deadline=10.0)
+    engine = create_resilient_engine(pg.url(), policy=policy, pool_size=8)
+    breaker = dbresilience._engine_hooks.resilience_of(engine).breaker
+    assert breaker is not None
+    stop = threading.Event()
+
+    def call() -> None:
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+
+    latencies, outcomes, threads = _hammer(call, 8, stop)
+    time.sleep(0.5)
+    pg.stop()
+    down_at = time.monotonic()
+    while breaker.state == "closed" and time.monotonic() - down_at < 20:
+        time.sleep(0.05)
+    opened_after = time.monotonic() - down_at
+    assert breaker.state != "closed", "breaker never opened"
+    attempts_when_opened = get_stats(engine).get("connect.failed", 0)
+    n_before = len(latencies)
+    time.sleep(30.0 - opened_after)
+    fail_fast = [
+        dt for dt, o in zip(latencies[n_before:], outcomes[n_before:], strict=False)
+        if o == "CircuitOpen"
+    ]
+    attempts_during_open = get_stats(engine).get("connect.failed", 0) - attempts_when_opened
+    # One caller alone, so the figure is the cost of failing fast, not waiting for the GIL.
+    stop.set()
+    for t in threads:
+        t.join(timeout=15)
+    alone: list[float] = []
+    while len(alone) < 200:
+        if breaker.rejecting():
+            t0 = time.perf_counter()
+            with pytest.raises(dbresilience.CircuitOpen):
+                call()
+            alone.append(time.perf_counter() - t0)
+    stop.clear()
+    latencies, outcomes, threads = _hammer(call, 8, stop)
+    pg.start()
+    back_at = time.monotonic()
+    while outcomes[-1] != "ok" and time.monotonic() - back_at < 10:
+        time.sleep(0.01)
+    recovered_after = time.monotonic() - back_at
+    stop.set()
+    for t in threads:
+        t.join(timeout=15)
+    print(
+        f"\nbreaker opened {opened_after:.2f}s into the outage after "
+        f"{attempts_when_opened} failed connects; while open: {len(fail_fast)} calls (8 threads) "
+        f"failed fast, {attempts_during_open} probe connects; one caller alone fails fast in "
+        f"{statistics.median(alone) * 1e6:.0f} us median, "
+        f"{sorted(alone)[int(len(alone) * 0.99)] * 1e6:.0f} us p99; "
+        f"recovered {recovered_after:.2f}s after restart"
+    )
+    assert len(fail_fast) > 1000
+    # While open, the server sees at most one probe per cool-down.
+    assert attempts_during_open <= (30.0 - opened_after) / policy.breaker_cooldown + 2
+    assert outcomes[-1] == "ok"
+    assert recovered_after < policy.breaker_cooldown + 1.0
+    engine.dispose()
+
+
+def test_constraint_violations_never_open_the_breaker(shared_pg: PostgresCluster) -> None:
+    shared_pg.execute("create table if not exists uniq (id int primary key)")
+    shared_pg.execute("insert into uniq values (1) on conflict do nothing")
+    engine = create_resilient_engine(
+        shared_pg.url(), policy=Policy(breaker_failures=1, breaker_min_duration=0.0)
+    )
+    for _ in range(20):
+        with pytest.raises(Exception, match="duplicate key"), engine.begin() as conn:
+            conn.execute(text("insert into uniq values (1)"))
+    state = dbresilience._engine_hooks.resilience_of(engine).breaker
+    assert state is not None and state.state == "closed"
+    engine.dispose()
+
+
+def test_run_transaction_gives_up_at_once_when_breaker_outlasts_deadline(
+    pg: PostgresCluster,
+) -> None:
+    engine = create_resilient_engine(
+        pg.url(),
+        policy=Policy(
+            breaker_failures=1, breaker_min_duration=0.0, breaker_cooldown=60.0,
+            connect_deadline=0.5, deadline=5.0,
+        ),
+    )
+    pg.stop()
+    with pytest.raises(dbresilience.DatabaseUnavailable):
+        engine.connect()  # opens the breaker
+    t0 = time.monotonic()
+    with pytest.raises(dbresilience.CircuitOpen):
+        dbresilience.run_transaction(engine, lambda c: c.execute(text("select 1")))
+    assert time.monotonic() - t0 < 1.0  # did not sleep towards a deadline it cannot meet
+    engine.dispose()
+
+
