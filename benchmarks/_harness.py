@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 if importlib.util.find_spec("dbresilience") is None:  # run from a checkout, not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -96,3 +97,39 @@ def report(
     }
     print(json.dumps(summary))
     return summary
+
+
+def compare_engines(
+    argv: list[str] | None,
+    *,
+    doc: str | None,
+    title: str,
+    factories: dict[str, Callable[[str], Any]],
+    op: Callable[[Any], object],
+    setup_sql: str | None = None,
+) -> int:
+    """Start a server, build each engine from its URL, time ``op(engine)`` interleaved, report.
+
+    The first factory is the baseline the others are compared with.
+    """
+    from dbresilience.testing import PostgresCluster
+
+    args = parse_args(doc, argv)
+    with PostgresCluster() as cluster:
+        if setup_sql:
+            cluster.execute(setup_sql)
+        engines = {name: make(cluster.url()) for name, make in factories.items()}
+        try:
+            results = interleave(
+                {
+                    name: (lambda s, e=e: ops_per_second(lambda: op(e), s))
+                    for name, e in engines.items()
+                },
+                args.seconds,
+                args.rounds,
+            )
+        finally:
+            for engine in engines.values():
+                engine.dispose()
+    report(results, title=title, baseline=next(iter(factories)), args=args)
+    return 0

@@ -8,11 +8,10 @@ trip, checkin) on one thread, engines interleaved (see ``_harness``). Usage::
 
 from __future__ import annotations
 
-from _harness import interleave, ops_per_second, parse_args, report
+from _harness import compare_engines
 from sqlalchemy import Engine, create_engine, text
 
 from dbresilience import create_resilient_engine
-from dbresilience.testing import PostgresCluster
 
 SELECT_1 = text("select 1")
 
@@ -24,34 +23,18 @@ def checkout_select_1(engine: Engine) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Start a server, benchmark the three engines, print the report."""
-    args = parse_args(__doc__, argv)
-    with PostgresCluster() as cluster:
-        url = cluster.url()
-        engines = {
-            "plain": create_engine(url),
-            "pre_ping": create_engine(url, pool_pre_ping=True),
-            "resilient": create_resilient_engine(url),
-        }
-        try:
-            results = interleave(
-                {
-                    name: (lambda s, e=e: ops_per_second(lambda: checkout_select_1(e), s))
-                    for name, e in engines.items()
-                },
-                args.seconds,
-                args.rounds,
-            )
-        finally:
-            for engine in engines.values():
-                engine.dispose()
-    report(
-        results,
+    """Benchmark the three engines on a fresh server and print the report."""
+    return compare_engines(
+        argv,
+        doc=__doc__,
         title="checkout + select 1 + checkin, psycopg, one thread",
-        baseline="plain",
-        args=args,
+        factories={
+            "plain": create_engine,
+            "pre_ping": lambda url: create_engine(url, pool_pre_ping=True),
+            "resilient": create_resilient_engine,
+        },
+        op=checkout_select_1,
     )
-    return 0
 
 
 if __name__ == "__main__":

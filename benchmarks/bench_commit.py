@@ -10,11 +10,10 @@ resilient engine with ``verify_commits=False`` and with the default ``verify_com
 
 from __future__ import annotations
 
-from _harness import interleave, ops_per_second, parse_args, report
+from _harness import compare_engines
 from sqlalchemy import Engine, create_engine, text
 
 from dbresilience import Policy, create_resilient_engine
-from dbresilience.testing import PostgresCluster
 
 INSERT = text("insert into bench (v) values (1)")
 
@@ -26,37 +25,21 @@ def write_transaction(engine: Engine) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Start a server, benchmark the three engines, print the report."""
-    args = parse_args(__doc__, argv)
-    with PostgresCluster() as cluster:
-        cluster.execute("create table bench (id bigserial primary key, v int)")
-        url = cluster.url()
-        engines = {
-            "plain": create_engine(url),
-            "resilient_no_verify": create_resilient_engine(
+    """Benchmark the three engines on a fresh server and print the report."""
+    return compare_engines(
+        argv,
+        doc=__doc__,
+        title="write transaction (insert + commit), psycopg, one thread",
+        factories={
+            "plain": create_engine,
+            "resilient_no_verify": lambda url: create_resilient_engine(
                 url, policy=Policy(verify_commits=False)
             ),
-            "resilient": create_resilient_engine(url),
-        }
-        try:
-            results = interleave(
-                {
-                    name: (lambda s, e=e: ops_per_second(lambda: write_transaction(e), s))
-                    for name, e in engines.items()
-                },
-                args.seconds,
-                args.rounds,
-            )
-        finally:
-            for engine in engines.values():
-                engine.dispose()
-    report(
-        results,
-        title="write transaction (insert + commit), psycopg, one thread",
-        baseline="plain",
-        args=args,
+            "resilient": create_resilient_engine,
+        },
+        op=write_transaction,
+        setup_sql="create table bench (id bigserial primary key, v int)",
     )
-    return 0
 
 
 if __name__ == "__main__":

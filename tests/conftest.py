@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from _support import scram_cluster
 from sqlalchemy import Engine
 
 from dbresilience import create_resilient_engine, set_testing
@@ -42,3 +43,9 @@ def no_backoff() -> Iterator[None]:
     """Backoff sleeps off (the library's own testing switch)."""
     with set_testing(True):
         yield
+
+
+@pytest.fixture(scope="session")
+def scram_pg() -> Iterator[PostgresCluster]:
+    """A server where role ``app`` must log in with a scram-sha-256 password."""
+    yield from scram_cluster()

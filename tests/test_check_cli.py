@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _support import SCRAM_ROLE, SCRAM_SECRET
 
 from dbresilience._engine import parse_url
 from dbresilience.cli import _check, main
@@ -16,22 +16,10 @@ from dbresilience.testing import ChaosProxy, PostgresCluster, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
-SECRET = "Sw0rdf1sh-Sekr3t"
-ROLE = "app"
+SECRET = SCRAM_SECRET
+ROLE = SCRAM_ROLE
 
 
-@pytest.fixture(scope="module")
-def scram_pg() -> Iterator[PostgresCluster]:
-    """A server where role ``app`` must authenticate with scram-sha-256 over TCP."""
-    cluster = PostgresCluster(settings={"password_encryption": "'scram-sha-256'"})
-    cluster.start()
-    cluster.execute(f"create role {ROLE} login password '{SECRET}'")
-    hba = cluster.datadir / "pg_hba.conf"
-    # First match wins: scram for the test role, trust (unchanged) for postgres.
-    hba.write_text(f"host all {ROLE} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
-    cluster.execute("select pg_reload_conf()")
-    yield cluster
-    cluster.destroy()
 
 
 @pytest.fixture(autouse=True)

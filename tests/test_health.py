@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
+from _support import SCRAM_ROLE, SCRAM_SECRET
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -24,8 +25,8 @@ from dbresilience.testing import ChaosProxy, PostgresCluster, free_port
 pytestmark = pytest.mark.timeout(60)
 
 SLACK = 0.5  # seconds a check may take beyond its timeout
-SECRET = "hunter2-Sekr3t"
-ROLE = "app"
+SECRET = SCRAM_SECRET
+ROLE = SCRAM_ROLE
 
 
 def _resilient_async(url: str) -> AsyncEngine:
@@ -38,18 +39,6 @@ def _resilient_async(url: str) -> AsyncEngine:
     return engine
 
 
-@pytest.fixture(scope="module")
-def scram_pg() -> Iterator[PostgresCluster]:
-    """A server where role ``app`` must authenticate with scram-sha-256 over TCP."""
-    cluster = PostgresCluster(settings={"password_encryption": "'scram-sha-256'"})
-    cluster.start()
-    cluster.execute(f"create role {ROLE} login password '{SECRET}'")
-    hba = cluster.datadir / "pg_hba.conf"
-    # First match wins: scram for the test role, trust (unchanged) for postgres.
-    hba.write_text(f"host all {ROLE} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
-    cluster.execute("select pg_reload_conf()")
-    yield cluster
-    cluster.destroy()
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import psycopg
 import pytest
+from _support import Ledger, check_exactly_once
 from sqlalchemy import Connection, Engine, exc, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,16 +20,9 @@ THREADS = 8
 DURATION = 8.0
 
 
-@dataclass
-class Ledger:
-    acknowledged: set[tuple[int, int]] = field(default_factory=set)
-    errors: list[BaseException] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    success_times: list[float] = field(default_factory=list)
-
-
 def _workload(engine: Engine, fault: Callable[[threading.Event], None]) -> Ledger:
     ledger = Ledger()
+    lock = threading.Lock()
     stop = threading.Event()
 
     def insert_then_count(conn: Connection, worker: int, seq: int) -> int:
@@ -45,10 +38,10 @@ def _workload(engine: Engine, fault: Callable[[threading.Event], None]) -> Ledge
             try:
                 run_transaction(engine, lambda c, s=seq: insert_then_count(c, n, s))
             except Exception as e:
-                with ledger.lock:
+                with lock:
                     ledger.errors.append(e)
                 continue
-            with ledger.lock:
+            with lock:
                 ledger.acknowledged.add((n, seq))
                 ledger.success_times.append(time.monotonic())
 
@@ -67,20 +60,7 @@ def _workload(engine: Engine, fault: Callable[[threading.Event], None]) -> Ledge
 
 
 def _check(pg: PostgresCluster, ledger: Ledger) -> None:
-    rows = [(int(str(w)), int(str(s))) for w, s in pg.execute("select worker, seq from ledger")]
-    present = set(rows)
-    duplicates = len(rows) - len(present)
-    missing = ledger.acknowledged - present
-    unacknowledged = present - ledger.acknowledged
-    print(
-        f"\nacknowledged={len(ledger.acknowledged)} rows={len(rows)} errors={len(ledger.errors)} "
-        f"missing={len(missing)} duplicates={duplicates} unacknowledged={len(unacknowledged)}"
-    )
-    assert ledger.errors == []
-    assert missing == set()
-    assert duplicates == 0
-    assert unacknowledged == set()
-    assert len(ledger.acknowledged) > 100
+    check_exactly_once(pg, ledger, label="sync", minimum=100)
 
 
 @pytest.fixture

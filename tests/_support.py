@@ -1,0 +1,53 @@
+"""Shared test support: the exactly-once ledger check and the password-protected server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from dbresilience.testing import PostgresCluster
+
+SCRAM_ROLE = "app"
+SCRAM_SECRET = "Sw0rdf1sh-Sekr3t"
+
+
+def scram_cluster() -> Iterator[PostgresCluster]:
+    """A server where role ``app`` must authenticate with scram-sha-256 over TCP."""
+    cluster = PostgresCluster(settings={"password_encryption": "'scram-sha-256'"})
+    cluster.start()
+    cluster.execute(f"create role {SCRAM_ROLE} login password '{SCRAM_SECRET}'")
+    hba = cluster.datadir / "pg_hba.conf"
+    # First match wins: scram for the test role, trust (unchanged) for postgres.
+    hba.write_text(f"host all {SCRAM_ROLE} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+    cluster.execute("select pg_reload_conf()")
+    yield cluster
+    cluster.destroy()
+
+
+@dataclass
+class Ledger:
+    """What the workers were told: acknowledged (worker, seq) writes and errors."""
+
+    acknowledged: set[tuple[int, int]] = field(default_factory=set)
+    errors: list[BaseException] = field(default_factory=list)
+    success_times: list[float] = field(default_factory=list)
+    longest_silence: float = 0.0
+
+
+def check_exactly_once(pg: PostgresCluster, ledger: Ledger, *, label: str, minimum: int) -> None:
+    """Compare the ``ledger`` table with what was acknowledged: nothing lost, nothing twice."""
+    rows = [(int(str(w)), int(str(s))) for w, s in pg.execute("select worker, seq from ledger")]
+    present = set(rows)
+    duplicates = len(rows) - len(present)
+    missing = ledger.acknowledged - present
+    unacknowledged = present - ledger.acknowledged
+    print(
+        f"\n{label}: acknowledged={len(ledger.acknowledged)} rows={len(rows)} "
+        f"errors={len(ledger.errors)} missing={len(missing)} duplicates={duplicates} "
+        f"unacknowledged={len(unacknowledged)} longest_silence={ledger.longest_silence:.3f}s"
+    )
+    assert ledger.errors == []
+    assert missing == set()
+    assert duplicates == 0
+    assert unacknowledged == set()
+    assert len(ledger.acknowledged) > minimum
