@@ -4,7 +4,7 @@
 
 * ``do_connect`` - network defaults (timeouts, keepalives; for asyncpg set on the socket) and
   connect retries with backoff through tenacity, bounded by :attr:`Policy.connect_deadline`;
-* pool ``checkout``/``checkin`` - cheap stale-connection detection (no ping per checkout);
+* pool ``checkout`` - cheap stale-connection detection (no ping per checkout);
 * ``handle_error`` - classification, invalidation and re-raising as dbresilience errors (also
   the bare ``OSError``/``TimeoutError`` asyncpg lets escape SQLAlchemy unwrapped);
 * ``do_execute``/``do_execute_no_params``/``do_executemany`` - replay of the first statement of
@@ -94,8 +94,12 @@ class EngineResilience:
                 min_duration=policy.breaker_min_duration,
                 cooldown=policy.breaker_cooldown,
             )
+        self.replay = policy.replay_first_statement
         # Seconds the watchdog gives each blocking driver call (0: not needed / turned off).
         self.call_bound = policy.command_timeout if self.driver.needs_watchdog else 0.0
+        self._armed = watchdog.armed
+        if self.call_bound:
+            watchdog.start()
 
     # -- bounded calls -------------------------------------------------------------------------
 
@@ -104,14 +108,19 @@ class EngineResilience:
         if not self.call_bound:
             return None
         raw = getattr(dbapi_conn, "dbapi_connection", dbapi_conn)  # unwrap the pool proxy
-        return watchdog.arm(self.call_bound, lambda: self.driver.fileno(raw), self._overran)
+        return watchdog.arm(self.call_bound, raw, self)
 
     @staticmethod
     def disarm(key: int | None) -> None:
         if key is not None:
             watchdog.disarm(key)
 
-    def _overran(self) -> None:
+    def fileno(self, connection: Any) -> int:
+        """The socket of one of this engine's DBAPI connections (for the watchdog)."""
+        return self.driver.fileno(connection)
+
+    def overran(self) -> None:
+        """The watchdog shut a connection down: count and log it."""
         self.stats.incr("watchdog.fired")
         logger.warning(
             "no answer from the server within command_timeout=%.1fs: connection shut down, "
@@ -221,17 +230,19 @@ class EngineResilience:
 
     # -- stale-connection detection ----------------------------------------------------------
 
-    def on_checkin(self, dbapi_conn: DBAPIConnection | None, record: ConnectionPoolEntry) -> None:
-        record.info[_LAST_USED] = time.monotonic()
-
     def on_checkout(
         self, dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
     ) -> None:
         if self.driver.closed(dbapi_conn):
             self.stats.incr("checkout.dead")
             raise sa_exc.DisconnectionError("dbresilience: pooled connection is closed")
-        last_used = record.info.get(_LAST_USED)
-        if last_used is None or time.monotonic() - last_used < self.policy.liveness_window:
+        # "Last used" is the last checkout: one listener fewer than timing the checkin, and
+        # only ever more cautious (a connection held for long counts from when it was taken).
+        info = record.info
+        now = time.monotonic()
+        last_used = info.get(_LAST_USED)
+        info[_LAST_USED] = now
+        if last_used is None or now - last_used < self.policy.liveness_window:
             return  # brand new, or used a moment ago
         if not self.driver.looks_dead(dbapi_conn):
             return
@@ -308,14 +319,17 @@ class EngineResilience:
         driver = self.driver
         # Read *before* executing: afterwards a broken connection reports nothing useful.
         replayable = (
-            self.policy.replay_first_statement
+            self.replay
             and driver.transaction_idle(raw)
             and (
                 not driver.autocommit(raw)
                 or bool(context.execution_options.get(IDEMPOTENT_OPTION))
             )
         )
-        key = self.arm(raw)
+        # The watchdog, armed inline: this is the hottest path of all.
+        bound = self.call_bound
+        if bound:
+            self._armed[id(raw)] = (time.monotonic() + bound, raw, self)
         try:
             getattr(cursor, method)(*args)
             return
@@ -327,7 +341,8 @@ class EngineResilience:
                 raise
             new_cursor = self._reconnect(context, exc, found)
         finally:
-            self.disarm(key)
+            if bound:
+                self._armed.pop(id(raw), None)
         key = self.arm(context._dbapi_connection.dbapi_connection)
         try:
             getattr(new_cursor, method)(*args)
@@ -402,8 +417,14 @@ class EngineResilience:
             finally:
                 self.disarm(key)
 
+        armed = self._armed
+        bound = self.call_bound
+
         def rollback(dbapi_connection: Any) -> None:
-            key = self.arm(dbapi_connection)
+            # Runs at every checkin (SQLAlchemy's reset-on-return): the watchdog armed inline.
+            raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
+            if bound:
+                armed[id(raw)] = (time.monotonic() + bound, raw, self)
             try:
                 do_rollback(dbapi_connection)
             except Exception as exc:
@@ -411,11 +432,11 @@ class EngineResilience:
                     raise
                 stats.incr("rollback.on_dead_connection")
                 # Close the driver connection, not SQLAlchemy's proxy (that would check it in).
-                raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
                 with contextlib.suppress(Exception):
                     raw.close()
             finally:
-                self.disarm(key)
+                if bound:
+                    armed.pop(id(raw), None)
 
         dialect.do_commit = commit  # type: ignore[method-assign]
         dialect.do_rollback = rollback  # type: ignore[method-assign]
@@ -454,7 +475,6 @@ def install(engine: Engine | AsyncEngine, policy: Policy | None = None) -> Engin
     state = EngineResilience(sync_engine, policy or Policy())
     event.listen(sync_engine, "do_connect", state.on_do_connect)
     event.listen(sync_engine, "checkout", state.on_checkout)
-    event.listen(sync_engine, "checkin", state.on_checkin)
     event.listen(sync_engine, "handle_error", state.on_handle_error)
     if state.policy.replay_first_statement or state.call_bound:
         event.listen(sync_engine, "do_execute", state.on_do_execute)

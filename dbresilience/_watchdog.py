@@ -8,23 +8,30 @@ descriptor), which wakes the blocked call with "server closed the connection une
 that is classified ``disconnect`` and the connection is discarded.
 
 One daemon thread per process wakes every :data:`TICK` seconds, so a call returns within its
-bound plus one tick. Arming and disarming a guard is a dict write and delete: no syscalls.
+bound plus one tick. Arming and disarming is a dict write and delete: no syscalls.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from typing import Any, Protocol
 
 from dbresilience._observability import logger
 
-__all__ = ["TICK", "Watchdog", "watchdog"]
+__all__ = ["TICK", "Guarded", "Watchdog", "watchdog"]
 
 TICK = 0.1  # seconds between checks
+
+
+class Guarded(Protocol):
+    """Who armed the watchdog: knows the socket of its connections and is told of overruns."""
+
+    def fileno(self, connection: Any) -> int: ...
+
+    def overran(self) -> None: ...
 
 
 class Watchdog:
@@ -32,20 +39,32 @@ class Watchdog:
 
     def __init__(self, tick: float = TICK) -> None:
         self._tick = tick
-        self._armed: dict[int, tuple[float, Callable[[], int], Callable[[], None]]] = {}
-        self._ids = itertools.count()
+        # id(connection) -> (deadline, connection, owner): one blocking call per connection.
+        self._armed: dict[int, tuple[float, object, Guarded]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def arm(self, seconds: float, fileno: Callable[[], int], on_fire: Callable[[], None]) -> int:
-        """Start bounding a blocking call to ``seconds`` (plus one tick); return its key.
+    @property
+    def armed(self) -> dict[int, tuple[float, object, Guarded]]:
+        """The watched calls, for hot paths that arm inline (``armed[id(conn)] = (deadline,
+        conn, owner)`` then ``armed.pop(id(conn), None)``). Call :meth:`start` first."""
+        return self._armed
 
-        Always pair with :meth:`disarm` in a ``finally``.
+    def start(self) -> None:
+        """Start the watchdog thread if it is not running yet."""
+        if self._thread is None:
+            self._start()
+
+    def arm(self, seconds: float, connection: object, owner: Guarded) -> int:
+        """Start bounding a blocking call on ``connection`` to ``seconds`` (plus one tick).
+
+        Returns the key to :meth:`disarm` in a ``finally``. Past the deadline the watchdog
+        shuts down ``owner.fileno(connection)`` and calls ``owner.overran()``.
         """
         if self._thread is None:
             self._start()
-        key = next(self._ids)
-        self._armed[key] = (time.monotonic() + seconds, fileno, on_fire)
+        key = id(connection)
+        self._armed[key] = (time.monotonic() + seconds, connection, owner)
         return key
 
     def disarm(self, key: int) -> None:
@@ -64,20 +83,20 @@ class Watchdog:
         while True:
             time.sleep(self._tick)
             now = time.monotonic()
-            for key, (deadline, fileno, on_fire) in list(self._armed.items()):
+            for key, (deadline, connection, owner) in list(self._armed.items()):
                 if now >= deadline and self._armed.pop(key, None) is not None:
-                    self._fire(fileno, on_fire)
+                    self._fire(connection, owner)
 
     @staticmethod
-    def _fire(fileno: Callable[[], int], on_fire: Callable[[], None]) -> None:
+    def _fire(connection: object, owner: Guarded) -> None:
         try:
-            fd = os.dup(fileno())
+            fd = os.dup(owner.fileno(connection))
         except Exception:
             return  # already closed
         try:
             with socket.socket(fileno=fd) as sock:
                 sock.shutdown(socket.SHUT_RDWR)
-            on_fire()
+            owner.overran()
         except Exception:
             logger.exception("dbresilience watchdog could not shut a socket down")
 
