@@ -54,13 +54,13 @@ class Policy:
 
     :param command_timeout: client-side bound on each statement, COMMIT and ROLLBACK waiting
         for the server; it catches what keepalives cannot: a peer that acknowledges but never
-        answers (a frozen server, a stuck proxy, a blackhole behind a proxy). psycopg: a
-        watchdog shuts the socket down past it (plus 0.1 s); the call fails with a
-        ``DisconnectError`` (retryable; during COMMIT the outcome is then verified). asyncpg:
-        passed as asyncpg's own ``command_timeout`` (unbounded there by default); it sends a
-        cancel request and the caller gets :class:`StatementTimeout` (not retried), the
-        connection is discarded. Default 60 s, above any query a web request should wait for;
-        0 turns it off.
+        answers (a frozen server, a stuck proxy, a blackhole behind a proxy). psycopg and
+        asyncpg alike: a watchdog shuts the socket down past it (plus 0.1 s); the call fails
+        with a ``DisconnectError`` (retryable; during COMMIT the outcome is then verified).
+        Default 60 s, above any query a web request should wait for; 0 turns it off.
+        asyncpg's own ``command_timeout`` (``connect_args``) is not set by default: it costs a
+        timer per message; when the application sets it, expiry sends a cancel request and
+        the caller gets :class:`StatementTimeout` (not retried), the connection discarded.
 
     Retrying whole transactions (``run_transaction``):
 

@@ -28,7 +28,7 @@ from dbresilience import (
     get_stats,
     run_async_transaction,
 )
-from dbresilience.testing import PostgresCluster
+from dbresilience.testing import ChaosProxy, PostgresCluster
 from dbresilience.testing._cluster import free_port
 
 DRIVERS = ["asyncpg", "psycopg"]
@@ -224,6 +224,23 @@ async def test_refused_connect_is_retried_then_database_unavailable(
 
 
 @pytest.mark.asyncio
+async def test_connect_to_a_silent_network_is_bounded(
+    shared_pg: PostgresCluster, driver: str
+) -> None:
+    with ChaosProxy(shared_pg.host, shared_pg.port) as proxy:
+        proxy.blackhole()  # the handshake completes, then nothing (asyncpg would wait 60 s)
+        engine = create_async_resilient_engine(
+            shared_pg.url(driver, port=proxy.port),
+            policy=Policy(connect_timeout=2, connect_deadline=1.0),
+        )
+        t0 = time.monotonic()
+        with pytest.raises(dbresilience.DatabaseUnavailable):
+            await asyncio.wait_for(engine.connect(), timeout=20)
+        assert time.monotonic() - t0 < 4.5
+        await engine.dispose()
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ["asyncpg"])  # psycopg gets them from libpq parameters
 async def test_asyncpg_gets_bounded_network_defaults(
     shared_pg: PostgresCluster, make_engine: MakeEngine
@@ -237,7 +254,9 @@ async def test_asyncpg_gets_bounded_network_defaults(
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 12_000
-    assert raw._config.command_timeout == 7.0
+    # The statement bound is the watchdog's (cheaper than asyncpg's timer per message).
+    assert raw._config.command_timeout is None
+    assert dbresilience._engine_hooks.resilience_of(engine).call_bound == 7.0
     # The application's own settings win.
     mine = create_async_resilient_engine(
         shared_pg.url("asyncpg"), connect_args={"command_timeout": 3, "timeout": 2}
@@ -249,11 +268,35 @@ async def test_asyncpg_gets_bounded_network_defaults(
 
 
 @pytest.mark.asyncio
+async def test_silent_server_is_cut_off_by_the_watchdog_and_retried(
+    shared_pg: PostgresCluster, make_engine: MakeEngine
+) -> None:
+    engine = make_engine(policy=Policy(command_timeout=0.5))
+    attempts = []
+
+    async def first_attempt_hangs(conn: AsyncConnection) -> int:
+        attempts.append(1)
+        await conn.execute(text("select 1"))
+        if len(attempts) == 1:  # a server that never answers, as far as the client can tell
+            await conn.execute(text("select pg_sleep(3)"))
+        return len(attempts)
+
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(run_async_transaction(engine, first_attempt_hangs), 10) == 2
+    assert time.monotonic() - t0 < 2.0
+    stats = get_stats(engine)
+    assert stats["watchdog.fired"] == 1
+    assert stats["retry.transaction.disconnect"] == 1
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ["asyncpg"])
 async def test_asyncpg_command_timeout_is_a_statement_timeout_never_retried(
     shared_pg: PostgresCluster, make_engine: MakeEngine
 ) -> None:
-    engine = make_engine(policy=Policy(command_timeout=0.3))
+    engine = make_engine(
+        connect_args={"command_timeout": 0.3, **_connect_args("asyncpg", make_engine.app)}  # type: ignore[attr-defined]
+    )
     attempts = []
 
     async def slow(conn: AsyncConnection) -> None:
