@@ -172,6 +172,7 @@ _MESSAGES: tuple[tuple[str, ErrorKind, bool], ...] = (
     ('protocol is in the "failed" state', ErrorKind.DISCONNECT, False),
     ("connection is closed", ErrorKind.DISCONNECT, False),
     ("connection is lost", ErrorKind.DISCONNECT, False),
+    ("connection socket closed", ErrorKind.DISCONNECT, False),  # psycopg's waiting.py
     ("connection reset", ErrorKind.DISCONNECT, False),
     ("broken pipe", ErrorKind.DISCONNECT, False),
     ("connection failed", ErrorKind.UNAVAILABLE, False),

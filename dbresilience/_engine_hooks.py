@@ -285,6 +285,12 @@ class EngineResilience:
                 )
         else:
             found = self.driver.refine(original, found)
+        unknown = found.kind is ErrorKind.APPLICATION
+        if unknown and ctx.is_disconnect and isinstance(original, Exception):
+            # The dialect saw the connection closed/broken although we know no rule for this
+            # error's text: trust it, the connection is gone.
+            reason = f"dialect reports a disconnect ({found.reason})"
+            found = Classification(ErrorKind.DISCONNECT, found.sqlstate, reason)
         if found.kind is ErrorKind.APPLICATION:
             return None
         if found.connection_unusable:

@@ -286,3 +286,26 @@ def test_application_errors_pass_through_unwrapped(shared_pg: PostgresCluster) -
     assert not isinstance(info.value, dbresilience.ResilienceError)
     assert classify(info.value).kind is ErrorKind.APPLICATION
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        ("connection socket closed", ErrorKind.DISCONNECT),  # psycopg waiting.py, seen in a storm
+        ("consuming input failed: server closed the connection unexpectedly", ErrorKind.DISCONNECT),
+        (
+            "connection failed: ... FATAL:  sorry, too many clients already",
+            ErrorKind.RESOURCE_EXHAUSTED,
+        ),
+        (
+            'connection failed: ... FATAL:  password authentication failed for user "x"',
+            ErrorKind.PERMANENT,
+        ),
+        (
+            "connection failed: ... FATAL:  the database system is starting up",
+            ErrorKind.UNAVAILABLE,
+        ),
+    ],
+)
+def test_psycopg_messages_without_sqlstate(message: str, kind: ErrorKind) -> None:
+    assert classify(psycopg.OperationalError(message)).kind is kind
