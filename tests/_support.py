@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+import psycopg
 
 from dbresilience.testing import PostgresCluster
 
@@ -52,3 +55,15 @@ def check_exactly_once(pg: PostgresCluster, ledger: Ledger, *, label: str, minim
     assert duplicates == 0, f"{duplicates} writes applied twice"
     assert not unacknowledged, f"unacknowledged writes present: {sorted(unacknowledged)[:10]}"
     assert len(ledger.acknowledged) > minimum, "too little work got through to mean anything"
+
+
+def wait_until_accepting(pg: PostgresCluster, *, timeout: float = 30.0) -> float | None:
+    """Probe every 5 ms, independently of the code under test; when did the server accept?"""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            psycopg.connect(host=pg.host, port=pg.port, user="postgres", connect_timeout=2).close()
+            return time.monotonic()
+        except psycopg.OperationalError:
+            time.sleep(0.005)
+    return None

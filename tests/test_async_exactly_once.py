@@ -11,9 +11,8 @@ from collections.abc import Callable, Coroutine, Iterator
 from functools import partial
 from typing import Any
 
-import psycopg
 import pytest
-from _support import Ledger, check_exactly_once
+from _support import Ledger, check_exactly_once, wait_until_accepting
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -120,25 +119,17 @@ async def test_restart_exactly_once_and_prompt_recovery(
     engine = create_async_resilient_engine(ledger_pg.url(driver), pool_size=TASKS)
     accepting_at: list[float] = []
 
-    def wait_until_accepting() -> None:
-        """Probe independently every 5 ms: when does the server accept connections?"""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                psycopg.connect(
-                    host=ledger_pg.host, port=ledger_pg.port, user="postgres", connect_timeout=2
-                ).close()
-                accepting_at.append(time.monotonic())
-                return
-            except psycopg.OperationalError:
-                time.sleep(0.005)
+    def probe() -> None:
+        accepted = wait_until_accepting(ledger_pg)
+        if accepted is not None:
+            accepting_at.append(accepted)
 
     async def restart(stop: asyncio.Event) -> None:
         await asyncio.sleep(1.5)
         await asyncio.to_thread(ledger_pg.stop)
         await asyncio.sleep(1.0)
         await asyncio.to_thread(ledger_pg.start, wait=False)
-        await asyncio.to_thread(wait_until_accepting)
+        await asyncio.to_thread(probe)
 
     try:
         ledger = await _workload(engine, restart)

@@ -6,9 +6,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-import psycopg
 import pytest
-from _support import Ledger, check_exactly_once
+from _support import Ledger, check_exactly_once, wait_until_accepting
 from sqlalchemy import Connection, Engine, exc, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -116,17 +115,9 @@ def test_restart_exactly_once_and_prompt_recovery(ledger_pg: PostgresCluster) ->
         ledger_pg.stop()
         time.sleep(1.0)
         ledger_pg.start(wait=False)
-        # When does the server accept connections? Probe independently every 5 ms.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                psycopg.connect(
-                    host=ledger_pg.host, port=ledger_pg.port, user="postgres", connect_timeout=2
-                ).close()
-                accepting_at.append(time.monotonic())
-                return
-            except psycopg.OperationalError:
-                time.sleep(0.005)
+        accepted = wait_until_accepting(ledger_pg)
+        if accepted is not None:
+            accepting_at.append(accepted)
 
     ledger = _workload(engine, restart)
     _check(ledger_pg, ledger)
