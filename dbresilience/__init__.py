@@ -7,7 +7,8 @@ survives server restarts, killed backends, reset sockets and overload without co
 
 from __future__ import annotations
 
-from dbresilience._async_transactions import async_session_factory, run_async_transaction
+from typing import TYPE_CHECKING, Any
+
 from dbresilience._classification import Classification, ErrorKind, classify
 from dbresilience._engine import create_async_resilient_engine, create_resilient_engine
 from dbresilience._engine_hooks import IDEMPOTENT_OPTION, get_stats, install
@@ -28,6 +29,21 @@ from dbresilience._observability import RetryDetails, RetryHook, Stats, add_hook
 from dbresilience._policy import Policy
 from dbresilience._retrying import set_testing
 from dbresilience._transactions import run_transaction, transactional
+
+if TYPE_CHECKING:
+    from dbresilience._async_transactions import async_session_factory, run_async_transaction
+
+_LAZY = {"async_session_factory", "run_async_transaction"}
+
+
+def __getattr__(name: str) -> Any:
+    # The asyncio API needs greenlet (sqlalchemy[asyncio]), which the sync extras do not
+    # install: load it on first use so that `import dbresilience` works without it.
+    if name in _LAZY:
+        from dbresilience import _async_transactions
+
+        return getattr(_async_transactions, name)
+    raise AttributeError(f"module 'dbresilience' has no attribute {name!r}")
 
 __all__ = [
     "IDEMPOTENT_OPTION",

@@ -148,3 +148,28 @@ def test_set_testing_is_a_context_manager() -> None:
     assert not is_testing()
     with pytest.raises(ValueError, match="attempts must be >= 1"):
         dbresilience.set_testing(True, attempts=0)
+
+
+def test_sync_api_imports_without_greenlet_or_asyncpg() -> None:
+    """`pip install dbresilience[psycopg]` / `[demo]` brings no greenlet: importing must work."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('greenlet', 'asyncpg'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import dbresilience, dbresilience.cli, dbresilience.testing\n"
+        "assert callable(dbresilience.create_resilient_engine)\n"
+        "try:\n"
+        "    dbresilience.run_async_transaction\n"
+        "except ImportError:\n"
+        "    print('async needs greenlet')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "async needs greenlet" in out.stdout
