@@ -67,14 +67,11 @@ class Classification:
     :ivar kind: the taxonomy class.
     :ivar sqlstate: the five-character SQLSTATE when one was available, else ``None``.
     :ivar reason: a short, secret-free explanation (the rule that matched).
-    :ivar server_wide: the failure says the whole server went away (crash, shutdown, failover),
-        so every pooled connection older than it is suspect.
     """
 
     kind: ErrorKind
     sqlstate: str | None = None
     reason: str = ""
-    server_wide: bool = False
 
     @property
     def retryable(self) -> bool:
@@ -87,27 +84,27 @@ class Classification:
         return self.kind in _CONNECTION_UNUSABLE
 
 
-# SQLSTATE -> (kind, server_wide). Exact codes first, then two-character classes.
-_SQLSTATE_EXACT: dict[str, tuple[ErrorKind, bool]] = {
-    "08001": (ErrorKind.UNAVAILABLE, False),
-    "08004": (ErrorKind.UNAVAILABLE, False),
-    "08007": (ErrorKind.COMMIT_OUTCOME_UNKNOWN, False),
-    "40001": (ErrorKind.TRANSACTION_CONFLICT, False),
-    "40P01": (ErrorKind.TRANSACTION_CONFLICT, False),
-    "40003": (ErrorKind.COMMIT_OUTCOME_UNKNOWN, False),
-    "55P03": (ErrorKind.TRANSACTION_CONFLICT, False),
-    "55006": (ErrorKind.TRANSACTION_CONFLICT, False),
-    "57P01": (ErrorKind.DISCONNECT, False),  # pg_terminate_backend *or* fast shutdown
-    "57P02": (ErrorKind.DISCONNECT, True),  # crash of another backend: all sessions killed
-    "57P03": (ErrorKind.UNAVAILABLE, True),
-    "57P04": (ErrorKind.PERMANENT, False),
-    "57P05": (ErrorKind.DISCONNECT, False),
-    "57014": (ErrorKind.TIMEOUT, False),
-    "25006": (ErrorKind.UNAVAILABLE, True),  # read-only: this server is (now) a standby
-    "25P03": (ErrorKind.DISCONNECT, False),
-    "58000": (ErrorKind.RESOURCE_EXHAUSTED, False),
-    "58030": (ErrorKind.RESOURCE_EXHAUSTED, False),
-    "3D000": (ErrorKind.PERMANENT, False),
+# SQLSTATE -> kind. Exact codes first, then two-character classes.
+_SQLSTATE_EXACT: dict[str, ErrorKind] = {
+    "08001": ErrorKind.UNAVAILABLE,
+    "08004": ErrorKind.UNAVAILABLE,
+    "08007": ErrorKind.COMMIT_OUTCOME_UNKNOWN,
+    "40001": ErrorKind.TRANSACTION_CONFLICT,
+    "40P01": ErrorKind.TRANSACTION_CONFLICT,
+    "40003": ErrorKind.COMMIT_OUTCOME_UNKNOWN,
+    "55P03": ErrorKind.TRANSACTION_CONFLICT,
+    "55006": ErrorKind.TRANSACTION_CONFLICT,
+    "57P01": ErrorKind.DISCONNECT,  # pg_terminate_backend *or* fast shutdown
+    "57P02": ErrorKind.DISCONNECT,  # crash of another backend: all sessions killed
+    "57P03": ErrorKind.UNAVAILABLE,
+    "57P04": ErrorKind.PERMANENT,
+    "57P05": ErrorKind.DISCONNECT,
+    "57014": ErrorKind.TIMEOUT,
+    "25006": ErrorKind.UNAVAILABLE,  # read-only: this server is (now) a standby
+    "25P03": ErrorKind.DISCONNECT,
+    "58000": ErrorKind.RESOURCE_EXHAUSTED,
+    "58030": ErrorKind.RESOURCE_EXHAUSTED,
+    "3D000": ErrorKind.PERMANENT,
 }
 _SQLSTATE_CLASS: dict[str, ErrorKind] = {
     "08": ErrorKind.DISCONNECT,
@@ -136,47 +133,47 @@ _PGBOUNCER_MESSAGES: tuple[tuple[str, ErrorKind], ...] = (
 
 # libpq / psycopg / asyncpg texts for failures that carry no SQLSTATE. Order matters: the
 # permanent connect failures are checked before the generic "connection failed".
-_MESSAGES: tuple[tuple[str, ErrorKind, bool], ...] = (
-    ("password authentication failed", ErrorKind.PERMANENT, False),
-    ("no password supplied", ErrorKind.PERMANENT, False),
-    ("authentication failed", ErrorKind.PERMANENT, False),
-    ("no pg_hba.conf entry", ErrorKind.PERMANENT, False),
-    ("does not exist", ErrorKind.PERMANENT, False),  # role / database "x" does not exist
-    ("invalid connection option", ErrorKind.PERMANENT, False),
-    ("invalid dsn", ErrorKind.PERMANENT, False),
-    ("too many connections", ErrorKind.RESOURCE_EXHAUSTED, False),
-    ("too many clients", ErrorKind.RESOURCE_EXHAUSTED, False),
-    ("remaining connection slots are reserved", ErrorKind.RESOURCE_EXHAUSTED, False),
-    ("the database system is starting up", ErrorKind.UNAVAILABLE, True),
-    ("the database system is shutting down", ErrorKind.UNAVAILABLE, True),
-    ("the database system is in recovery mode", ErrorKind.UNAVAILABLE, True),
-    ("not yet accepting connections", ErrorKind.UNAVAILABLE, True),
-    ("connection refused", ErrorKind.UNAVAILABLE, True),
-    ("could not translate host name", ErrorKind.UNAVAILABLE, False),
-    ("connection timeout expired", ErrorKind.UNAVAILABLE, False),
-    ("timeout expired", ErrorKind.UNAVAILABLE, False),
-    ("connect call failed", ErrorKind.UNAVAILABLE, True),
-    ("server closed the connection unexpectedly", ErrorKind.DISCONNECT, True),
-    ("terminating connection", ErrorKind.DISCONNECT, False),
-    ("connection was closed in the middle of operation", ErrorKind.DISCONNECT, False),
-    ("consuming input failed", ErrorKind.DISCONNECT, False),
-    ("sending query failed", ErrorKind.DISCONNECT, False),
-    ("could not receive data from server", ErrorKind.DISCONNECT, False),
-    ("could not send data to server", ErrorKind.DISCONNECT, False),
-    ("ssl connection has been closed unexpectedly", ErrorKind.DISCONNECT, False),
-    ("ssl syscall error", ErrorKind.DISCONNECT, False),
-    ("lost synchronization with server", ErrorKind.DISCONNECT, False),
+_MESSAGES: tuple[tuple[str, ErrorKind], ...] = (
+    ("password authentication failed", ErrorKind.PERMANENT),
+    ("no password supplied", ErrorKind.PERMANENT),
+    ("authentication failed", ErrorKind.PERMANENT),
+    ("no pg_hba.conf entry", ErrorKind.PERMANENT),
+    ("does not exist", ErrorKind.PERMANENT),  # role / database "x" does not exist
+    ("invalid connection option", ErrorKind.PERMANENT),
+    ("invalid dsn", ErrorKind.PERMANENT),
+    ("too many connections", ErrorKind.RESOURCE_EXHAUSTED),
+    ("too many clients", ErrorKind.RESOURCE_EXHAUSTED),
+    ("remaining connection slots are reserved", ErrorKind.RESOURCE_EXHAUSTED),
+    ("the database system is starting up", ErrorKind.UNAVAILABLE),
+    ("the database system is shutting down", ErrorKind.UNAVAILABLE),
+    ("the database system is in recovery mode", ErrorKind.UNAVAILABLE),
+    ("not yet accepting connections", ErrorKind.UNAVAILABLE),
+    ("connection refused", ErrorKind.UNAVAILABLE),
+    ("could not translate host name", ErrorKind.UNAVAILABLE),
+    ("connection timeout expired", ErrorKind.UNAVAILABLE),
+    ("timeout expired", ErrorKind.UNAVAILABLE),
+    ("connect call failed", ErrorKind.UNAVAILABLE),
+    ("server closed the connection unexpectedly", ErrorKind.DISCONNECT),
+    ("terminating connection", ErrorKind.DISCONNECT),
+    ("connection was closed in the middle of operation", ErrorKind.DISCONNECT),
+    ("consuming input failed", ErrorKind.DISCONNECT),
+    ("sending query failed", ErrorKind.DISCONNECT),
+    ("could not receive data from server", ErrorKind.DISCONNECT),
+    ("could not send data to server", ErrorKind.DISCONNECT),
+    ("ssl connection has been closed unexpectedly", ErrorKind.DISCONNECT),
+    ("ssl syscall error", ErrorKind.DISCONNECT),
+    ("lost synchronization with server", ErrorKind.DISCONNECT),
     # asyncpg, using a connection whose server has sent FATAL (state 2: discarding input after
     # an unsolicited error) and whose EOF is not read yet, or is read ("failed" state).
-    ("another operation (2) is in progress", ErrorKind.DISCONNECT, False),
-    ('protocol is in the "failed" state', ErrorKind.DISCONNECT, False),
-    ("connection is closed", ErrorKind.DISCONNECT, False),
-    ("connection is lost", ErrorKind.DISCONNECT, False),
-    ("connection socket closed", ErrorKind.DISCONNECT, False),  # psycopg's waiting.py
-    ("connection reset", ErrorKind.DISCONNECT, False),
-    ("broken pipe", ErrorKind.DISCONNECT, False),
-    ("connection failed", ErrorKind.UNAVAILABLE, False),
-    ("could not connect to server", ErrorKind.UNAVAILABLE, False),
+    ("another operation (2) is in progress", ErrorKind.DISCONNECT),
+    ('protocol is in the "failed" state', ErrorKind.DISCONNECT),
+    ("connection is closed", ErrorKind.DISCONNECT),
+    ("connection is lost", ErrorKind.DISCONNECT),
+    ("connection socket closed", ErrorKind.DISCONNECT),  # psycopg's waiting.py
+    ("connection reset", ErrorKind.DISCONNECT),
+    ("broken pipe", ErrorKind.DISCONNECT),
+    ("connection failed", ErrorKind.UNAVAILABLE),
+    ("could not connect to server", ErrorKind.UNAVAILABLE),
 )
 
 _MAX_CHAIN = 8
@@ -199,7 +196,7 @@ def _from_sqlstate(sqlstate: str, message: str) -> Classification:
         return Classification(ErrorKind.DISCONNECT, sqlstate, "protocol violation")
     exact = _SQLSTATE_EXACT.get(sqlstate)
     if exact is not None:
-        return Classification(exact[0], sqlstate, f"sqlstate {sqlstate}", exact[1])
+        return Classification(exact, sqlstate, f"sqlstate {sqlstate}")
     by_class = _SQLSTATE_CLASS.get(sqlstate[:2])
     if by_class is not None:
         return Classification(by_class, sqlstate, f"sqlstate class {sqlstate[:2]}")
@@ -208,11 +205,11 @@ def _from_sqlstate(sqlstate: str, message: str) -> Classification:
 
 def _from_os_error(exc: OSError) -> Classification:
     if isinstance(exc, ConnectionRefusedError):
-        return Classification(ErrorKind.UNAVAILABLE, None, "connection refused", True)
+        return Classification(ErrorKind.UNAVAILABLE, None, "connection refused")
     if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
         # asyncpg raises ConnectionResetError("Connect call failed") while connecting.
         if "connect call failed" in str(exc).lower():
-            return Classification(ErrorKind.UNAVAILABLE, None, "connect call failed", True)
+            return Classification(ErrorKind.UNAVAILABLE, None, "connect call failed")
         return Classification(ErrorKind.DISCONNECT, None, type(exc).__name__)
     if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
         return Classification(ErrorKind.DISCONNECT, None, "ssl eof")
@@ -225,9 +222,9 @@ def _from_os_error(exc: OSError) -> Classification:
 
 def _from_message(message: str) -> Classification | None:
     lowered = message.lower()
-    for needle, kind, server_wide in _MESSAGES:
+    for needle, kind in _MESSAGES:
         if needle in lowered:
-            return Classification(kind, None, needle, server_wide)
+            return Classification(kind, None, needle)
     return None
 
 

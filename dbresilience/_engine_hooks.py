@@ -222,9 +222,7 @@ class EngineResilience:
         if found.kind is ErrorKind.APPLICATION:
             return exc
         if found.kind is ErrorKind.DISCONNECT:  # lost while connecting: could not connect
-            found = Classification(
-                ErrorKind.UNAVAILABLE, found.sqlstate, found.reason, found.server_wide
-            )
+            found = Classification(ErrorKind.UNAVAILABLE, found.sqlstate, found.reason)
         self.stats.incr(f"error.{found.kind.value}")
         return error_from(exc, found)
 
@@ -328,8 +326,7 @@ class EngineResilience:
             self.replay
             and driver.transaction_idle(raw)
             and (
-                not driver.autocommit(raw)
-                or bool(context.execution_options.get(IDEMPOTENT_OPTION))
+                not driver.autocommit(raw) or bool(context.execution_options.get(IDEMPOTENT_OPTION))
             )
         )
         # The watchdog, armed inline: this is the hottest path of all.
