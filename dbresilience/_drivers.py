@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import select
 import socket
 from typing import Any
@@ -14,9 +15,20 @@ from typing import Any
 from dbresilience._classification import Classification, ErrorKind
 from dbresilience._errors import ConfigurationError
 
-__all__ = ["SUPPORTED", "Driver", "driver_for"]
+__all__ = ["SUPPORTED", "Driver", "Position", "driver_for"]
 
 SUPPORTED = ("psycopg", "asyncpg")
+
+
+class Position(enum.Enum):
+    """Where the next statement on a connection stands, as far as replaying it goes."""
+
+    #: A transaction is open on the server: its earlier work dies with the connection.
+    IN_TRANSACTION = "in-transaction"
+    #: No transaction is open and this statement opens one: nothing can have committed.
+    STARTS_TRANSACTION = "starts-transaction"
+    #: No transaction is open and the statement commits on its own (autocommit mode).
+    AUTOCOMMIT = "autocommit"
 
 
 class Driver:
@@ -53,13 +65,9 @@ class Driver:
         """Zero-round-trip check: True when the server has (probably) hung up."""
         return False
 
-    def transaction_idle(self, dbapi_conn: Any) -> bool:
-        """True when no transaction is open on the server: nothing could commit yet."""
-        return False
-
-    def autocommit(self, dbapi_conn: Any) -> bool:
-        """True when the connection is in autocommit mode."""
-        return bool(getattr(dbapi_conn, "autocommit", False))
+    def statement_position(self, dbapi_conn: Any) -> Position:
+        """Where the next statement stands (no I/O; runs before every statement)."""
+        return Position.IN_TRANSACTION
 
 
 def _readable(fd: int) -> bool:
@@ -107,8 +115,13 @@ class _Psycopg(Driver):
         # on its own: a FATAL error and EOF (terminated, shut down), or rarely a NOTIFY.
         return _readable(fd)
 
-    def transaction_idle(self, dbapi_conn: Any) -> bool:
-        return bool(self._pgconn(dbapi_conn).transaction_status == 0)  # PQTRANS_IDLE
+    def statement_position(self, dbapi_conn: Any) -> Position:
+        pgconn = getattr(dbapi_conn, "pgconn", None)  # inline _pgconn(): a hot path
+        if pgconn is None:
+            pgconn = dbapi_conn._connection.pgconn
+        if pgconn.transaction_status != 0:  # not PQTRANS_IDLE (UNKNOWN once broken)
+            return Position.IN_TRANSACTION
+        return Position.AUTOCOMMIT if dbapi_conn.autocommit else Position.STARTS_TRANSACTION
 
     def abort(self, dbapi_conn: Any) -> None:
         self._pgconn(dbapi_conn).finish()
@@ -172,11 +185,15 @@ class _Asyncpg(Driver):
         sock = _socket_of(dbapi_conn)
         return sock is not None and _readable(sock.fileno())
 
-    def transaction_idle(self, dbapi_conn: Any) -> bool:
+    def statement_position(self, dbapi_conn: Any) -> Position:
         # SQLAlchemy's adapter sends BEGIN lazily, with the first statement; asyncpg's own flag
         # covers a BEGIN sent behind its back. A terminated connection has no protocol left.
+        if dbapi_conn._transaction is not None:
+            return Position.IN_TRANSACTION
         raw = dbapi_conn._connection
-        return dbapi_conn._transaction is None and (raw.is_closed() or not raw.is_in_transaction())
+        if raw.is_in_transaction() and not raw.is_closed():
+            return Position.IN_TRANSACTION
+        return Position.AUTOCOMMIT if dbapi_conn.autocommit else Position.STARTS_TRANSACTION
 
     def abort(self, dbapi_conn: Any) -> None:
         dbapi_conn._connection.terminate()

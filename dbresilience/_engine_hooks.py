@@ -4,11 +4,12 @@
 
 * ``do_connect`` - network defaults (timeouts, keepalives; for asyncpg set on the socket) and
   connect retries with backoff through tenacity, bounded by :attr:`Policy.connect_deadline`;
-* pool ``checkout`` - cheap stale-connection detection (no ping per checkout);
 * ``handle_error`` - classification, invalidation and re-raising as dbresilience errors (also
   the bare ``OSError``/``TimeoutError`` asyncpg lets escape SQLAlchemy unwrapped);
-* ``do_execute``/``do_execute_no_params``/``do_executemany`` - replay of the first statement of
-  a transaction that failed only because the connection was already dead;
+* ``do_execute``/``do_execute_no_params``/``do_executemany`` - before the first statement of a
+  transaction, a cheap stale-connection check (no ping) that swaps a dead connection for a new
+  one before anything is sent; replay of a first statement that failed only because the
+  connection was already dead; the watchdog bound on every statement;
 * wrappers around the dialect's ``do_commit`` (a connection lost during COMMIT is reported as
   :class:`CommitOutcomeUnknown`, never as a plain disconnect) and ``do_rollback`` (a rollback
   on a dead connection is moot: the server already discarded the transaction).
@@ -39,7 +40,7 @@ from sqlalchemy.util import await_only
 from dbresilience._circuit_breaker import CircuitBreaker
 from dbresilience._classification import Classification, ErrorKind, classify
 from dbresilience._commit_outcome import CommitOutcome, CommitResolver, connect_budget, verdict_of
-from dbresilience._drivers import Driver, driver_for
+from dbresilience._drivers import Driver, Position, driver_for
 from dbresilience._errors import CircuitOpen, ConfigurationError, error_from, make_error, wrap
 from dbresilience._observability import Stats, logger
 from dbresilience._policy import Policy
@@ -55,6 +56,12 @@ __all__ = ["EngineResilience", "get_stats", "install", "resilience_of"]
 _LAST_USED = "dbresilience_last_used"
 _DURING_COMMIT = "_dbresilience_during_commit"
 IDEMPOTENT_OPTION = "dbresilience_idempotent"
+
+_IN_TRANSACTION = Position.IN_TRANSACTION  # module globals: read on every statement
+_STARTS_TRANSACTION = Position.STARTS_TRANSACTION
+_AUTOCOMMIT = Position.AUTOCOMMIT
+
+_monotonic = time.monotonic
 
 _installed: weakref.WeakKeyDictionary[Engine, EngineResilience] = weakref.WeakKeyDictionary()
 
@@ -95,6 +102,7 @@ class EngineResilience:
                 cooldown=policy.breaker_cooldown,
             )
         self.replay = policy.replay_first_statement
+        self.window = policy.liveness_window
         # Seconds the watchdog gives each blocking driver call (0: not needed / turned off).
         self.call_bound = policy.command_timeout if self.driver.needs_watchdog else 0.0
         self._armed = watchdog.armed
@@ -103,17 +111,19 @@ class EngineResilience:
 
     # -- bounded calls -------------------------------------------------------------------------
 
-    def arm(self, dbapi_conn: Any) -> int | None:
-        """Start the watchdog on a blocking call on ``dbapi_conn``; pair with :meth:`disarm`."""
+    def arm(self, dbapi_conn: Any) -> Any:
+        """Start the watchdog on a blocking call on ``dbapi_conn``; pass the result to
+        :meth:`disarm` in a ``finally``."""
         if not self.call_bound:
             return None
         raw = getattr(dbapi_conn, "dbapi_connection", dbapi_conn)  # unwrap the pool proxy
-        return watchdog.arm(self.call_bound, raw, self)
+        watchdog.arm(self.call_bound, raw, self)
+        return raw
 
     @staticmethod
-    def disarm(key: int | None) -> None:
-        if key is not None:
-            watchdog.disarm(key)
+    def disarm(armed: Any) -> None:
+        if armed is not None:
+            watchdog.disarm(armed)
 
     def fileno(self, connection: Any) -> int:
         """The socket of one of this engine's DBAPI connections (for the watchdog)."""
@@ -228,38 +238,23 @@ class EngineResilience:
 
     # -- stale-connection detection ----------------------------------------------------------
 
-    def on_checkout(
-        self, dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
-    ) -> None:
-        if self.driver.closed(dbapi_conn):
-            self.stats.incr("checkout.dead")
-            raise sa_exc.DisconnectionError("dbresilience: pooled connection is closed")
-        # "Last used" is the last checkout: one listener fewer than timing the checkin, and
-        # only ever more cautious (a connection held for long counts from when it was taken).
-        info = record.info
-        now = time.monotonic()
-        last_used = info.get(_LAST_USED)
-        info[_LAST_USED] = now
-        if last_used is None or now - last_used < self.policy.liveness_window:
-            return  # brand new, or used a moment ago
-        if not self.driver.looks_dead(dbapi_conn):
-            return
+    def _found_dead(self, raw: Any, idle: float) -> bool:
+        """Whether ``raw``, idle ``idle`` seconds, is dead (no round trip unless in doubt)."""
+        if idle < self.window:
+            return self.driver.closed(raw)  # used a moment ago
+        if not self.driver.looks_dead(raw):
+            return False
         # Readable while idle: usually FATAL + EOF from the server; rarely a NOTIFY. Confirm.
         engine = self.engine_ref()
-        alive = False
-        if engine is not None:
-            key = self.arm(dbapi_conn)
-            try:
-                alive = bool(engine.dialect.do_ping(dbapi_conn))
-            except Exception:
-                alive = False
-            finally:
-                self.disarm(key)
-        if not alive:
-            self.stats.incr("checkout.dead")
-            raise sa_exc.DisconnectionError(
-                "dbresilience: pooled connection found dead at checkout"
-            )
+        if engine is None:
+            return False
+        key = self.arm(raw)
+        try:
+            return not engine.dialect.do_ping(raw)
+        except Exception:
+            return True
+        finally:
+            self.disarm(key)
 
     # -- errors ------------------------------------------------------------------------------
 
@@ -304,7 +299,7 @@ class EngineResilience:
             )
         return None
 
-    # -- first-statement replay --------------------------------------------------------------
+    # -- statements: stale check, first-statement replay, watchdog -------------------------
 
     def on_do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
         self._execute(cursor, context, "execute", (statement, parameters))
@@ -319,53 +314,73 @@ class EngineResilience:
         return True
 
     def _execute(self, cursor: Any, context: Any, method: str, args: tuple[Any, ...]) -> None:
-        raw = context._dbapi_connection.dbapi_connection
-        driver = self.driver
+        fairy = context._dbapi_connection
+        raw = fairy.dbapi_connection
         # Read *before* executing: afterwards a broken connection reports nothing useful.
-        replayable = (
-            self.replay
-            and driver.transaction_idle(raw)
-            and (
-                not driver.autocommit(raw) or bool(context.execution_options.get(IDEMPOTENT_OPTION))
-            )
-        )
+        position = self.driver.statement_position(raw)
+        record = fairy._connection_record
+        if position is not _IN_TRANSACTION and record is not None:
+            # The first statement of a transaction (or an autocommit one): a dead connection
+            # can be swapped for a new one before anything is sent, losing nothing. "Last
+            # used" is the last such statement, in the pool record's info (cleared on reconnect).
+            info = record.info
+            now = _monotonic()
+            last_used = info.get(_LAST_USED, now)
+            info[_LAST_USED] = now
+            if self._found_dead(raw, now - last_used):
+                self.stats.incr("dead.replaced")
+                cursor = self._reconnect(
+                    context, sa_exc.DisconnectionError("dbresilience: connection found dead")
+                )
+                raw = fairy.dbapi_connection
         # The watchdog, armed inline: this is the hottest path of all.
         bound = self.call_bound
         if bound:
-            self._armed[id(raw)] = (time.monotonic() + bound, raw, self)
+            self._armed[raw] = (_monotonic() + bound, self)
         try:
             getattr(cursor, method)(*args)
             return
         except Exception as exc:
-            if not replayable:
+            if not (
+                self.replay
+                and (
+                    position is _STARTS_TRANSACTION
+                    or (
+                        position is _AUTOCOMMIT
+                        and bool(context.execution_options.get(IDEMPOTENT_OPTION))
+                    )
+                )
+            ):
                 raise
             found = self.driver.refine(exc, classify(exc))
             if found.kind is not ErrorKind.DISCONNECT:
                 raise
-            new_cursor = self._reconnect(context, exc, found)
+            self.stats.retry("statement", 1, 0.0, found)
+            self.stats.incr("replay.statement")
+            # Like SQLAlchemy's default for disconnects: connections older than this one are
+            # suspect too (a restart kills them all); they are recycled at their next checkout.
+            context.root_connection.engine.pool._invalidate(fairy, exc, _checkin=False)
+            new_cursor = self._reconnect(context, exc)
         finally:
             if bound:
-                self._armed.pop(id(raw), None)
-        key = self.arm(context._dbapi_connection.dbapi_connection)
+                self._armed.pop(raw, None)
+        key = self.arm(fairy.dbapi_connection)
         try:
             getattr(new_cursor, method)(*args)
         finally:
             self.disarm(key)
         context.cursor = new_cursor
 
-    def _reconnect(self, context: Any, exc: BaseException, found: Classification) -> Any:
+    @staticmethod
+    def _reconnect(context: Any, exc: BaseException) -> Any:
         """Swap a fresh DBAPI connection under the caller's Connection; return a new cursor.
 
         Mirrors what SQLAlchemy's pool does for a connection found dead at checkout
         (``_ConnectionFairy._checkout``): invalidate the record, then reconnect it in place.
         """
-        self.stats.retry("statement", 1, 0.0, found)
         fairy = context._dbapi_connection
         record = fairy._connection_record
         connection = context.root_connection
-        # Like SQLAlchemy's default for disconnects: connections older than this one are
-        # suspect too (a restart kills them all); they are recycled at their next checkout.
-        connection.engine.pool._invalidate(fairy, exc, _checkin=False)
         record.invalidate(exc)
         fairy.dbapi_connection = record.get_connection()
         dialect = connection.dialect
@@ -374,8 +389,9 @@ class EngineResilience:
             dialect.connection_characteristics[name].set_connection_characteristic(
                 dialect, connection, fairy.dbapi_connection, options[name]
             )
-        self.stats.incr("replay.statement")
-        return context.create_cursor()
+        cursor = context.create_cursor()
+        context.cursor = cursor
+        return cursor
 
     # -- commit and rollback ---------------------------------------------------------------
 
@@ -427,19 +443,22 @@ class EngineResilience:
             # Runs at every checkin (SQLAlchemy's reset-on-return): the watchdog armed inline.
             raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
             if bound:
-                armed[id(raw)] = (time.monotonic() + bound, raw, self)
+                armed[raw] = (time.monotonic() + bound, self)
             try:
                 do_rollback(dbapi_connection)
             except Exception as exc:
                 if not classify(exc).connection_unusable:
                     raise
                 stats.incr("rollback.on_dead_connection")
-                # Close the driver connection, not SQLAlchemy's proxy (that would check it in).
+                # Close the driver connection, not SQLAlchemy's proxy (that would check it in),
+                # and have the pool replace it at its next checkout.
                 with contextlib.suppress(Exception):
                     raw.close()
+                if isinstance(dbapi_connection, PoolProxiedConnection):
+                    dbapi_connection.invalidate(exc, soft=True)
             finally:
                 if bound:
-                    armed.pop(id(raw), None)
+                    armed.pop(raw, None)
 
         dialect.do_commit = commit  # type: ignore[method-assign]
         dialect.do_rollback = rollback  # type: ignore[method-assign]
@@ -477,12 +496,10 @@ def install(engine: Engine | AsyncEngine, policy: Policy | None = None) -> Engin
         raise ConfigurationError(f"policy must be a dbresilience.Policy, got {policy!r}")
     state = EngineResilience(sync_engine, policy or Policy())
     event.listen(sync_engine, "do_connect", state.on_do_connect)
-    event.listen(sync_engine, "checkout", state.on_checkout)
     event.listen(sync_engine, "handle_error", state.on_handle_error)
-    if state.policy.replay_first_statement or state.call_bound:
-        event.listen(sync_engine, "do_execute", state.on_do_execute)
-        event.listen(sync_engine, "do_execute_no_params", state.on_do_execute_no_params)
-        event.listen(sync_engine, "do_executemany", state.on_do_executemany)
+    event.listen(sync_engine, "do_execute", state.on_do_execute)
+    event.listen(sync_engine, "do_execute_no_params", state.on_do_execute_no_params)
+    event.listen(sync_engine, "do_executemany", state.on_do_executemany)
     state.wrap_dialect(sync_engine)
     _installed[sync_engine] = state
     return state

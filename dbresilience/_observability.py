@@ -68,7 +68,7 @@ class Stats:
     """Thread-safe counters of what one resilient engine did.
 
     Keys are stable strings: ``retry.<what>`` and ``retry.<what>.<kind>`` (what: connect,
-    statement, transaction, commit-check), ``replay.statement``, ``checkout.dead``,
+    statement, transaction, commit-check), ``replay.statement``, ``dead.replaced``,
     ``error.<kind>`` (errors seen by ``handle_error``), ``commit.<outcome>`` (committed, aborted,
     read-only, unknown: commits whose reply was lost), ``rollback.on_dead_connection``.
     """

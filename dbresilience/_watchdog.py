@@ -39,15 +39,15 @@ class Watchdog:
 
     def __init__(self, tick: float = TICK) -> None:
         self._tick = tick
-        # id(connection) -> (deadline, connection, owner): one blocking call per connection.
-        self._armed: dict[int, tuple[float, object, Guarded]] = {}
+        # connection -> (deadline, owner): one blocking call per connection at a time.
+        self._armed: dict[Any, tuple[float, Guarded]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @property
-    def armed(self) -> dict[int, tuple[float, object, Guarded]]:
-        """The watched calls, for hot paths that arm inline (``armed[id(conn)] = (deadline,
-        conn, owner)`` then ``armed.pop(id(conn), None)``). Call :meth:`start` first."""
+    def armed(self) -> dict[Any, tuple[float, Guarded]]:
+        """The watched calls, for hot paths that arm inline (``armed[conn] = (deadline,
+        owner)`` then ``armed.pop(conn, None)``). Call :meth:`start` first."""
         return self._armed
 
     def start(self) -> None:
@@ -55,21 +55,19 @@ class Watchdog:
         if self._thread is None:
             self._start()
 
-    def arm(self, seconds: float, connection: object, owner: Guarded) -> int:
+    def arm(self, seconds: float, connection: object, owner: Guarded) -> None:
         """Start bounding a blocking call on ``connection`` to ``seconds`` (plus one tick).
 
-        Returns the key to :meth:`disarm` in a ``finally``. Past the deadline the watchdog
-        shuts down ``owner.fileno(connection)`` and calls ``owner.overran()``.
+        :meth:`disarm` it in a ``finally``. Past the deadline the watchdog shuts down
+        ``owner.fileno(connection)`` and calls ``owner.overran()``.
         """
         if self._thread is None:
             self._start()
-        key = id(connection)
-        self._armed[key] = (time.monotonic() + seconds, connection, owner)
-        return key
+        self._armed[connection] = (time.monotonic() + seconds, owner)
 
-    def disarm(self, key: int) -> None:
-        """The call returned (or failed): stop watching it."""
-        self._armed.pop(key, None)
+    def disarm(self, connection: object) -> None:
+        """The call on ``connection`` returned (or failed): stop watching it."""
+        self._armed.pop(connection, None)
 
     def _start(self) -> None:
         with self._lock:
@@ -83,8 +81,8 @@ class Watchdog:
         while True:
             time.sleep(self._tick)
             now = time.monotonic()
-            for key, (deadline, connection, owner) in list(self._armed.items()):
-                if now >= deadline and self._armed.pop(key, None) is not None:
+            for connection, (deadline, owner) in list(self._armed.items()):
+                if now >= deadline and self._armed.pop(connection, None) is not None:
                     self._fire(connection, owner)
 
     @staticmethod

@@ -233,7 +233,10 @@ def test_real_idle_in_transaction_timeout(shared_pg: PostgresCluster) -> None:
 
 def test_real_crash_of_another_backend(pg: PostgresCluster) -> None:
     """SIGKILL of one backend makes the postmaster kill all others with 57P02."""
-    engine = create_resilient_engine(pg.url(), policy=Policy(replay_first_statement=False))
+    # No replay and no socket check before the statement (a window of an hour): the error
+    # itself must reach us.
+    policy = Policy(replay_first_statement=False, liveness_window=3600)
+    engine = create_resilient_engine(pg.url(), policy=policy)
     with engine.connect() as victim, engine.connect() as bystander:
         victim_pid = victim.execute(text("select pg_backend_pid()")).scalar_one()
         bystander.execute(text("select 1"))

@@ -39,7 +39,7 @@ def test_killed_idle_connection_is_replaced_transparently_within_window(
     assert stats.get("error.disconnect", 0) == 0
 
 
-def test_killed_idle_connection_is_caught_at_checkout_after_window(
+def test_killed_idle_connection_is_caught_before_use_after_window(
     pg: PostgresCluster, engine: Engine
 ) -> None:
     with engine.connect() as conn:
@@ -49,8 +49,43 @@ def test_killed_idle_connection_is_caught_at_checkout_after_window(
     with engine.connect() as conn:
         assert _pid(conn) != first
     stats = get_stats(engine)
-    assert stats["checkout.dead"] == 1
+    assert stats["dead.replaced"] == 1
     assert stats.get("replay.statement", 0) == 0
+
+def test_held_connection_killed_between_transactions_is_replaced_before_the_next(
+    pg: PostgresCluster,
+) -> None:
+    # The check runs before each transaction's first statement, not only at checkout: a
+    # Connection kept open across transactions is covered too, without any replay.
+    engine = create_resilient_engine(pg.url(), policy=Policy(replay_first_statement=False))
+    with engine.connect() as conn:
+        first = _pid(conn)
+        conn.commit()
+        pg.terminate_backends()
+        time.sleep(0.6)  # past Policy.liveness_window
+        assert _pid(conn) != first
+        conn.commit()
+    stats = get_stats(engine)
+    assert stats["dead.replaced"] == 1
+    assert stats.get("replay.statement", 0) == 0
+    assert stats.get("error.disconnect", 0) == 0
+    engine.dispose()
+
+
+def test_connection_closed_by_a_moot_rollback_is_replaced_at_next_checkout(
+    pg: PostgresCluster, engine: Engine
+) -> None:
+    with engine.connect() as conn:
+        first = _pid(conn)
+        pg.terminate_backends()
+        time.sleep(0.1)  # the backend is gone before the rollback at the end of the block
+        # That rollback ends the transaction on a dead connection: moot, so no error; the pool
+        # must not hand the closed connection out again.
+    with engine.connect() as conn:
+        assert _pid(conn) != first
+    stats = get_stats(engine)
+    assert stats["rollback.on_dead_connection"] == 1
+    assert stats.get("error.disconnect", 0) == 0
 
 
 def test_kill_mid_transaction_raises_classified_error_and_connection_recovers(

@@ -48,7 +48,7 @@ _THINK = 0.01  # pause between transactions of one worker
 _ERROR_PAUSE = 0.05  # what an application would wait after a failed transaction
 _JOIN_GRACE = 20.0  # > the resilient engine's connect deadline (10 s)
 _WORKER_ID_STRIDE = 10_000_000
-_RECOVERY_KEYS = ("replay.statement", "checkout.dead", "retry.connect")
+_RECOVERY_KEYS = ("replay.statement", "dead.replaced", "retry.connect")
 _LOGGERS = ("dbresilience", "sqlalchemy")
 
 
@@ -72,7 +72,7 @@ class EngineRun:
 
     :ivar errors: exceptions that reached the application, by class name.
     :ivar recoveries: the resilient engine's silent recoveries (``get_stats`` counters
-        ``replay.statement``, ``checkout.dead``, ``retry.connect``); empty for the plain engine.
+        ``replay.statement``, ``dead.replaced``, ``retry.connect``); empty for the plain engine.
     :ivar missing_acknowledged: rows whose transaction exited without an exception but which
         are not in the table. Must be 0.
     :ivar outcome_unknown: rows in the table whose transaction raised (the error surfaced at
@@ -356,7 +356,7 @@ def print_result(result: DemoResult, console: Console) -> None:
     row("errors surfaced to the app", lambda r: f"[bold]{r.errors_surfaced}[/]")
     row("  by exception class", lambda r: _fmt_counts(r.errors))
     row("silent recoveries: replays", recovery("replay.statement"))
-    row("  dead at checkout", recovery("checkout.dead"))
+    row("  dead before use", recovery("dead.replaced"))
     row("  connect retries", recovery("retry.connect"))
     row("ledger: rows in table", lambda r: str(r.rows_in_table))
     row("  acknowledged, missing", lambda r: _zero_good(r.missing_acknowledged))
