@@ -29,6 +29,9 @@ class Position(enum.Enum):
     STARTS_TRANSACTION = "starts-transaction"
     #: No transaction is open and the statement commits on its own (autocommit mode).
     AUTOCOMMIT = "autocommit"
+    #: The driver knows the connection is closed and no transaction was open on it: nothing
+    #: can be sent, and nothing is lost by using a new connection instead.
+    CLOSED = "closed"
 
 
 class Driver:
@@ -56,10 +59,6 @@ class Driver:
 
     #: Whether blocking calls need :mod:`dbresilience._watchdog` (no client timeout in driver).
     needs_watchdog = False
-
-    def closed(self, dbapi_conn: Any) -> bool:
-        """True when the driver already knows the connection is closed or broken (no I/O)."""
-        return False
 
     def looks_dead(self, dbapi_conn: Any) -> bool:
         """Zero-round-trip check: True when the server has (probably) hung up."""
@@ -103,9 +102,6 @@ class _Psycopg(Driver):
     def fileno(self, dbapi_conn: Any) -> int:
         return int(self._pgconn(dbapi_conn).socket)
 
-    def closed(self, dbapi_conn: Any) -> bool:
-        return bool(self._pgconn(dbapi_conn).status != 0)  # CONNECTION_OK == 0
-
     def looks_dead(self, dbapi_conn: Any) -> bool:
         pgconn = self._pgconn(dbapi_conn)
         if pgconn.status != 0:  # CONNECTION_OK == 0
@@ -119,7 +115,9 @@ class _Psycopg(Driver):
         pgconn = getattr(dbapi_conn, "pgconn", None)  # inline _pgconn(): a hot path
         if pgconn is None:
             pgconn = dbapi_conn._connection.pgconn
-        if pgconn.transaction_status != 0:  # not PQTRANS_IDLE (UNKNOWN once broken)
+        # Not PQTRANS_IDLE. A closed connection reports UNKNOWN: whether a transaction was open
+        # is lost, so it never counts as CLOSED (the pool replaces it at the next checkout).
+        if pgconn.transaction_status != 0:
             return Position.IN_TRANSACTION
         return Position.AUTOCOMMIT if dbapi_conn.autocommit else Position.STARTS_TRANSACTION
 
@@ -174,9 +172,6 @@ class _Asyncpg(Driver):
             return Classification(ErrorKind.TIMEOUT, None, "asyncpg command_timeout expired")
         return found
 
-    def closed(self, dbapi_conn: Any) -> bool:
-        return bool(dbapi_conn._connection.is_closed())
-
     def looks_dead(self, dbapi_conn: Any) -> bool:
         # asyncpg notices EOF by itself and flips is_closed(), but only once the event loop has
         # read the socket; bytes waiting on an idle socket mean the same thing one step earlier.
@@ -186,14 +181,17 @@ class _Asyncpg(Driver):
         return sock is not None and _readable(sock.fileno())
 
     def statement_position(self, dbapi_conn: Any) -> Position:
-        # SQLAlchemy's adapter sends BEGIN lazily, with the first statement; asyncpg's own flag
-        # covers a BEGIN sent behind its back. A terminated connection has no protocol left.
         if dbapi_conn._transaction is not None:
             return Position.IN_TRANSACTION
         raw = dbapi_conn._connection
-        if raw.is_in_transaction() and not raw.is_closed():
-            return Position.IN_TRANSACTION
-        return Position.AUTOCOMMIT if dbapi_conn.autocommit else Position.STARTS_TRANSACTION
+        if raw.is_closed():  # (first: a terminated connection has no protocol left to ask)
+            return Position.CLOSED
+        if dbapi_conn.autocommit:
+            # asyncpg's own flag: a BEGIN sent as a statement.
+            return Position.IN_TRANSACTION if raw.is_in_transaction() else Position.AUTOCOMMIT
+        # SQLAlchemy's adapter sends BEGIN with this statement (asyncpg refuses to if a BEGIN
+        # was sent behind the adapter's back, so that case never gets to run).
+        return Position.STARTS_TRANSACTION
 
     def abort(self, dbapi_conn: Any) -> None:
         dbapi_conn._connection.terminate()

@@ -60,6 +60,7 @@ IDEMPOTENT_OPTION = "dbresilience_idempotent"
 _IN_TRANSACTION = Position.IN_TRANSACTION  # module globals: read on every statement
 _STARTS_TRANSACTION = Position.STARTS_TRANSACTION
 _AUTOCOMMIT = Position.AUTOCOMMIT
+_CLOSED = Position.CLOSED
 
 _monotonic = time.monotonic
 
@@ -103,6 +104,7 @@ class EngineResilience:
             )
         self.replay = policy.replay_first_statement
         self.window = policy.liveness_window
+        self._position = self.driver.statement_position
         # Seconds the watchdog gives each blocking driver call (0: not needed / turned off).
         self.call_bound = policy.command_timeout if self.driver.needs_watchdog else 0.0
         self._armed = watchdog.armed
@@ -126,8 +128,9 @@ class EngineResilience:
             watchdog.disarm(armed)
 
     def fileno(self, connection: Any) -> int:
-        """The socket of one of this engine's DBAPI connections (for the watchdog)."""
-        return self.driver.fileno(connection)
+        """The socket of one of this engine's DBAPI connections, or of the pool's proxy of
+        one (for the watchdog)."""
+        return self.driver.fileno(getattr(connection, "dbapi_connection", connection))
 
     def overran(self) -> None:
         """The watchdog shut a connection down: count and log it."""
@@ -238,10 +241,9 @@ class EngineResilience:
 
     # -- stale-connection detection ----------------------------------------------------------
 
-    def _found_dead(self, raw: Any, idle: float) -> bool:
-        """Whether ``raw``, idle ``idle`` seconds, is dead (no round trip unless in doubt)."""
-        if idle < self.window:
-            return self.driver.closed(raw)  # used a moment ago
+    def _found_dead(self, raw: Any) -> bool:
+        """Whether ``raw``, idle for longer than the liveness window, is dead (zero round trips
+        unless in doubt)."""
         if not self.driver.looks_dead(raw):
             return False
         # Readable while idle: usually FATAL + EOF from the server; rarely a NOTIFY. Confirm.
@@ -317,7 +319,7 @@ class EngineResilience:
         fairy = context._dbapi_connection
         raw = fairy.dbapi_connection
         # Read *before* executing: afterwards a broken connection reports nothing useful.
-        position = self.driver.statement_position(raw)
+        position = self._position(raw)
         record = fairy._connection_record
         if position is not _IN_TRANSACTION and record is not None:
             # The first statement of a transaction (or an autocommit one): a dead connection
@@ -327,12 +329,13 @@ class EngineResilience:
             now = _monotonic()
             last_used = info.get(_LAST_USED, now)
             info[_LAST_USED] = now
-            if self._found_dead(raw, now - last_used):
+            if position is _CLOSED or (now - last_used >= self.window and self._found_dead(raw)):
                 self.stats.incr("dead.replaced")
                 cursor = self._reconnect(
                     context, sa_exc.DisconnectionError("dbresilience: connection found dead")
                 )
                 raw = fairy.dbapi_connection
+                position = self._position(raw)
         # The watchdog, armed inline: this is the hottest path of all.
         bound = self.call_bound
         if bound:
@@ -440,10 +443,10 @@ class EngineResilience:
         bound = self.call_bound
 
         def rollback(dbapi_connection: Any) -> None:
-            # Runs at every checkin (SQLAlchemy's reset-on-return): the watchdog armed inline.
-            raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
+            # Runs at every checkin (SQLAlchemy's reset-on-return): the watchdog armed inline,
+            # on the pool's proxy as it comes (the drivers' fileno() see through it).
             if bound:
-                armed[raw] = (time.monotonic() + bound, self)
+                armed[dbapi_connection] = (_monotonic() + bound, self)
             try:
                 do_rollback(dbapi_connection)
             except Exception as exc:
@@ -453,12 +456,12 @@ class EngineResilience:
                 # Close the driver connection, not SQLAlchemy's proxy (that would check it in),
                 # and have the pool replace it at its next checkout.
                 with contextlib.suppress(Exception):
-                    raw.close()
+                    getattr(dbapi_connection, "dbapi_connection", dbapi_connection).close()
                 if isinstance(dbapi_connection, PoolProxiedConnection):
                     dbapi_connection.invalidate(exc, soft=True)
             finally:
                 if bound:
-                    armed.pop(raw, None)
+                    armed.pop(dbapi_connection, None)
 
         dialect.do_commit = commit  # type: ignore[method-assign]
         dialect.do_rollback = rollback  # type: ignore[method-assign]

@@ -152,6 +152,48 @@ async def test_blackhole_async_every_task_returns_within_the_bound(
         await engine.dispose()
 
 
+def test_rollback_into_a_blackhole_is_bounded_and_moot(pg: PostgresCluster) -> None:
+    # The ROLLBACK at the end of a block is guarded too; past the bound the connection is shut
+    # down, the rollback is moot (the server drops the transaction with the connection) and the
+    # pool replaces the connection.
+    with ChaosProxy(pg.host, pg.port) as proxy:
+        engine = create_resilient_engine(pg.url(port=proxy.port), policy=POLICY)
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+            proxy.blackhole()
+            t0 = time.monotonic()
+        took = time.monotonic() - t0
+        proxy.passthrough()
+        stats = get_stats(engine)
+        assert stats["watchdog.fired"] == 1
+        assert stats["rollback.on_dead_connection"] == 1
+        assert took < POLICY.command_timeout + 1.0, took  # the bound plus the watchdog's tick
+        with engine.connect() as conn:
+            assert conn.execute(text("select 2")).scalar_one() == 2
+        engine.dispose()
+
+
+@pytest.mark.asyncio
+async def test_async_rollback_into_a_blackhole_is_bounded_and_moot(pg: PostgresCluster) -> None:
+    from dbresilience import create_async_resilient_engine
+
+    with ChaosProxy(pg.host, pg.port) as proxy:
+        engine = create_async_resilient_engine(pg.url("asyncpg", port=proxy.port), policy=POLICY)
+        async with engine.connect() as conn:
+            await conn.execute(text("select 1"))
+            proxy.blackhole()
+            t0 = time.monotonic()
+        took = time.monotonic() - t0
+        proxy.passthrough()
+        stats = get_stats(engine)
+        assert stats["watchdog.fired"] == 1
+        assert stats["rollback.on_dead_connection"] == 1
+        assert took < POLICY.command_timeout + 1.0, took
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("select 2"))).scalar_one() == 2
+        await engine.dispose()
+
+
 def test_server_down_breaker_fails_fast_and_recovers(pg: PostgresCluster) -> None:
     policy = Policy(breaker_cooldown=2.0, breaker_min_duration=3.0, connect_deadline=10.0)
     engine = create_resilient_engine(pg.url(), policy=policy, pool_size=8)
