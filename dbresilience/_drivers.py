@@ -186,7 +186,7 @@ class _Asyncpg(Driver):
         raw = dbapi_conn._connection
         if raw.is_closed():  # (first: a terminated connection has no protocol left to ask)
             return Position.CLOSED
-        if dbapi_conn.autocommit:
+        if dbapi_conn.isolation_level == "autocommit":  # the adapter's own test before BEGIN
             # asyncpg's own flag: a BEGIN sent as a statement.
             return Position.IN_TRANSACTION if raw.is_in_transaction() else Position.AUTOCOMMIT
         # SQLAlchemy's adapter sends BEGIN with this statement (asyncpg refuses to if a BEGIN

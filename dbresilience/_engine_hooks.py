@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import traceback
 import weakref
@@ -33,6 +34,7 @@ import tenacity
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect, ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
@@ -303,19 +305,12 @@ class EngineResilience:
 
     # -- statements: stale check, first-statement replay, watchdog -------------------------
 
-    def on_do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-        self._execute(cursor, context, "execute", (statement, parameters))
-        return True
-
-    def on_do_execute_no_params(self, cursor: Any, statement: str, context: Any) -> bool:
-        self._execute(cursor, context, "execute", (statement,))
-        return True
-
-    def on_do_executemany(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-        self._execute(cursor, context, "executemany", (statement, parameters))
-        return True
-
-    def _execute(self, cursor: Any, context: Any, method: str, args: tuple[Any, ...]) -> None:
+    def on_execute(self, method: str, cursor: Any, statement: str, *rest: Any) -> bool:
+        """The ``do_execute``, ``do_execute_no_params`` and ``do_executemany`` listener, bound to
+        ``method`` (``"execute"``/``"executemany"``) with :func:`functools.partial`: no
+        extra frame on the hottest path. ``rest`` is ``([parameters,] context)``."""
+        context = rest[-1]
+        args = (statement, *rest[:-1])
         fairy = context._dbapi_connection
         raw = fairy.dbapi_connection
         # Read *before* executing: afterwards a broken connection reports nothing useful.
@@ -342,7 +337,7 @@ class EngineResilience:
             self._armed[raw] = (_monotonic() + bound, self)
         try:
             getattr(cursor, method)(*args)
-            return
+            return True
         except Exception as exc:
             if not (
                 self.replay
@@ -373,6 +368,7 @@ class EngineResilience:
         finally:
             self.disarm(key)
         context.cursor = new_cursor
+        return True
 
     @staticmethod
     def _reconnect(context: Any, exc: BaseException) -> Any:
@@ -441,6 +437,12 @@ class EngineResilience:
 
         armed = self._armed
         bound = self.call_bound
+        # SQLAlchemy's default do_rollback is the driver's rollback() (unless the engine skips
+        # rollbacks in autocommit): then call the driver directly, skipping that method and the
+        # pool proxy's __getattr__, two frames on the path of every checkin.
+        direct = type(dialect).do_rollback is DefaultDialect.do_rollback and not getattr(
+            dialect, "skip_autocommit_rollback", False
+        )
 
         def rollback(dbapi_connection: Any) -> None:
             # Runs at every checkin (SQLAlchemy's reset-on-return): the watchdog armed inline,
@@ -448,7 +450,10 @@ class EngineResilience:
             if bound:
                 armed[dbapi_connection] = (_monotonic() + bound, self)
             try:
-                do_rollback(dbapi_connection)
+                if direct:
+                    getattr(dbapi_connection, "dbapi_connection", dbapi_connection).rollback()
+                else:
+                    do_rollback(dbapi_connection)
             except Exception as exc:
                 if not classify(exc).connection_unusable:
                     raise
@@ -500,9 +505,10 @@ def install(engine: Engine | AsyncEngine, policy: Policy | None = None) -> Engin
     state = EngineResilience(sync_engine, policy or Policy())
     event.listen(sync_engine, "do_connect", state.on_do_connect)
     event.listen(sync_engine, "handle_error", state.on_handle_error)
-    event.listen(sync_engine, "do_execute", state.on_do_execute)
-    event.listen(sync_engine, "do_execute_no_params", state.on_do_execute_no_params)
-    event.listen(sync_engine, "do_executemany", state.on_do_executemany)
+    execute = functools.partial(state.on_execute, "execute")
+    event.listen(sync_engine, "do_execute", execute)
+    event.listen(sync_engine, "do_execute_no_params", execute)
+    event.listen(sync_engine, "do_executemany", functools.partial(state.on_execute, "executemany"))
     state.wrap_dialect(sync_engine)
     _installed[sync_engine] = state
     return state
