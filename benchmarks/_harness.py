@@ -1,15 +1,18 @@
 """Shared benchmark harness: interleaved rounds and a ratio report against a baseline.
 
-Engines run in interleaved rounds, the order rotating each round, so that load from elsewhere
-on the (noisy, 2-core) machine hits all of them alike. Reported: the median ops/s of the
-rounds, its ratio to the baseline's, and the median of the per-round ratios ("paired", less
-sensitive to load that drifts between rounds).
+Engines run in interleaved rounds, so that load from elsewhere on the (noisy, 2-core) machine
+hits all of them alike, cycling through every order of the engines (:func:`orders`): with a
+plain rotation each engine mostly follows the same other one, and what that one leaves in the
+CPU caches (``pool_pre_ping``'s extra round trip and code) then weighs on it alone.
+Reported: the median ops/s of the rounds, its ratio to the baseline's, and the median of the
+per-round ratios ("paired", less sensitive to load that drifts between rounds).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import statistics
 import sys
@@ -39,16 +42,23 @@ def ops_per_second(op: Callable[[], object], seconds: float) -> float:
             return n / (now - start)
 
 
+def orders(names: list[str]) -> list[list[str]]:
+    """Every order of ``names``, to cycle through turn by turn: each engine runs after each
+    other one equally often (a balanced design, unlike a rotation)."""
+    return [list(order) for order in itertools.permutations(names)]
+
+
 def interleave(
     measures: dict[str, Callable[[float], float]], seconds: float, rounds: int
 ) -> dict[str, list[float]]:
-    """Run each ``measures[name](seconds) -> ops/s`` once per round, rotating the order."""
+    """Run each ``measures[name](seconds) -> ops/s`` once per round, cycling the orders."""
     for measure in measures.values():
         measure(0.2)  # connect, warm caches
     names = list(measures)
+    cycle = orders(names)
     results: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in cycle[r % len(cycle)]:
             results[name].append(measures[name](seconds))
     return results
 

@@ -3,9 +3,10 @@
 One op is ``async with engine.connect() as c: await c.execute(text("select 1"))`` (checkout,
 one round trip, checkin) in one task on one event loop. Each round makes fresh engines (so no
 engine keeps a luckier server backend all along), then the engines take turns in batches of
-``--batch`` ops (about 10 ms), the order rotating each turn, until each has run ``--seconds``:
-load from elsewhere on the (shared, 2-core) machine drifts over seconds, so fine-grained
-turns hit all engines alike. Report as in ``_harness``. Usage::
+``--batch`` ops (about 10 ms), cycling through every order of the engines turn by turn (see
+``_harness.orders``), until each has run ``--seconds``: load from elsewhere on the (shared,
+2-core) machine drifts over seconds, so fine-grained turns hit all engines alike. Report as
+in ``_harness``. Usage::
 
     python benchmarks/bench_async_checkout.py [--seconds S] [--rounds R] [--batch N]
 """
@@ -16,7 +17,7 @@ import asyncio
 import sys
 import time
 
-from _harness import parse_args, report
+from _harness import orders, parse_args, report
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -52,12 +53,13 @@ async def measure(url: str, seconds: float, rounds: int, size: int) -> dict[str,
         engines = make_engines(url)
         try:
             names = list(engines)
+            cycle = orders(names)
             for engine in engines.values():
                 await batch(engine, 200)  # connect, warm caches and prepared statements
             spent = dict.fromkeys(names, 0.0)
             ops = 0
             while min(spent.values()) < seconds:
-                for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                for name in cycle[turn % len(cycle)]:
                     spent[name] += await batch(engines[name], size)
                 ops += size
                 turn += 1
