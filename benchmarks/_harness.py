@@ -28,18 +28,13 @@ from rich.console import Console
 from rich.table import Table
 
 
-def ops_per_second(op: Callable[[], object], seconds: float) -> float:
-    """Call ``op`` repeatedly for ``seconds``; return calls per second."""
+def timed_batch(op: Callable[[], object], n: int) -> float:
+    """Call ``op`` ``n`` times; return the seconds it took."""
     clock = time.perf_counter
-    n = 0
     start = clock()
-    deadline = start + seconds
-    while True:
+    for _ in range(n):
         op()
-        n += 1
-        now = clock()
-        if now >= deadline:
-            return n / (now - start)
+    return clock() - start
 
 
 def orders(names: list[str]) -> list[list[str]]:
@@ -49,17 +44,30 @@ def orders(names: list[str]) -> list[list[str]]:
 
 
 def interleave(
-    measures: dict[str, Callable[[float], float]], seconds: float, rounds: int
+    ops: dict[str, Callable[[], object]], seconds: float, rounds: int, batch: int = 25
 ) -> dict[str, list[float]]:
-    """Run each ``measures[name](seconds) -> ops/s`` once per round, cycling the orders."""
-    for measure in measures.values():
-        measure(0.2)  # connect, warm caches
-    names = list(measures)
+    """ops/s of each ``ops[name]`` in each round.
+
+    Within a round the engines take turns in batches of ``batch`` ops (about 10 ms), cycling
+    through :func:`orders`, until each has run ``seconds``: load from elsewhere drifts over
+    seconds, so fine-grained turns hit all engines alike.
+    """
+    for op in ops.values():
+        timed_batch(op, 200)  # connect, warm caches
+    names = list(ops)
     cycle = orders(names)
     results: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in cycle[r % len(cycle)]:
-            results[name].append(measures[name](seconds))
+    turn = 0
+    for _ in range(rounds):
+        spent = dict.fromkeys(names, 0.0)
+        done = 0
+        while min(spent.values()) < seconds:
+            for name in cycle[turn % len(cycle)]:
+                spent[name] += timed_batch(ops[name], batch)
+            done += batch
+            turn += 1
+        for name in names:
+            results[name].append(done / spent[name])
     return results
 
 
@@ -131,10 +139,7 @@ def compare_engines(
         engines = {name: make(cluster.url()) for name, make in factories.items()}
         try:
             results = interleave(
-                {
-                    name: (lambda s, e=e: ops_per_second(lambda: op(e), s))
-                    for name, e in engines.items()
-                },
+                {name: (lambda e=e: op(e)) for name, e in engines.items()},
                 args.seconds,
                 args.rounds,
             )
