@@ -1,0 +1,34 @@
+"""The benchmarks still run (tiny budgets: this checks they work, not how fast anything is)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize(
+    ("script", "engines"),
+    [
+        ("bench_checkout.py", {"pre_ping", "resilient"}),
+        ("bench_commit.py", {"resilient_no_verify", "resilient"}),
+        ("bench_async_checkout.py", {"pre_ping", "resilient"}),
+    ],
+)
+def test_benchmark_runs_and_reports_ratios(script: str, engines: set[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--seconds", "0.05", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(summary["paired_median_ratio"]) == engines
+    assert all(ratio > 0 for ratio in summary["paired_median_ratio"].values())
