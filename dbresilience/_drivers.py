@@ -29,9 +29,6 @@ class Position(enum.Enum):
     STARTS_TRANSACTION = "starts-transaction"
     #: No transaction is open and the statement commits on its own (autocommit mode).
     AUTOCOMMIT = "autocommit"
-    #: The driver knows the connection is closed and no transaction was open on it: nothing
-    #: can be sent, and nothing is lost by using a new connection instead.
-    CLOSED = "closed"
 
 
 class Driver:
@@ -59,6 +56,10 @@ class Driver:
 
     #: Whether blocking calls need :mod:`dbresilience._watchdog` (no client timeout in driver).
     needs_watchdog = False
+
+    def closed(self, dbapi_conn: Any) -> bool:
+        """True when the driver already knows the connection is closed or broken (no I/O)."""
+        return False
 
     def looks_dead(self, dbapi_conn: Any) -> bool:
         """Zero-round-trip check: True when the server has (probably) hung up."""
@@ -102,6 +103,9 @@ class _Psycopg(Driver):
     def fileno(self, dbapi_conn: Any) -> int:
         return int(self._pgconn(dbapi_conn).socket)
 
+    def closed(self, dbapi_conn: Any) -> bool:
+        return bool(self._pgconn(dbapi_conn).status != 0)  # CONNECTION_OK == 0
+
     def looks_dead(self, dbapi_conn: Any) -> bool:
         pgconn = self._pgconn(dbapi_conn)
         if pgconn.status != 0:  # CONNECTION_OK == 0
@@ -115,8 +119,8 @@ class _Psycopg(Driver):
         pgconn = getattr(dbapi_conn, "pgconn", None)  # inline _pgconn(): a hot path
         if pgconn is None:
             pgconn = dbapi_conn._connection.pgconn
-        # Not PQTRANS_IDLE. A closed connection reports UNKNOWN: whether a transaction was open
-        # is lost, so it never counts as CLOSED (the pool replaces it at the next checkout).
+        # Not PQTRANS_IDLE (a closed connection reports UNKNOWN: whether a transaction was open
+        # is lost with it).
         if pgconn.transaction_status != 0:
             return Position.IN_TRANSACTION
         return Position.AUTOCOMMIT if dbapi_conn.autocommit else Position.STARTS_TRANSACTION
@@ -172,6 +176,9 @@ class _Asyncpg(Driver):
             return Classification(ErrorKind.TIMEOUT, None, "asyncpg command_timeout expired")
         return found
 
+    def closed(self, dbapi_conn: Any) -> bool:
+        return bool(dbapi_conn._connection.is_closed())
+
     def looks_dead(self, dbapi_conn: Any) -> bool:
         # asyncpg notices EOF by itself and flips is_closed(), but only once the event loop has
         # read the socket; bytes waiting on an idle socket mean the same thing one step earlier.
@@ -183,12 +190,14 @@ class _Asyncpg(Driver):
     def statement_position(self, dbapi_conn: Any) -> Position:
         if dbapi_conn._transaction is not None:
             return Position.IN_TRANSACTION
-        raw = dbapi_conn._connection
-        if raw.is_closed():  # (first: a terminated connection has no protocol left to ask)
-            return Position.CLOSED
         if dbapi_conn.isolation_level == "autocommit":  # the adapter's own test before BEGIN
-            # asyncpg's own flag: a BEGIN sent as a statement.
-            return Position.IN_TRANSACTION if raw.is_in_transaction() else Position.AUTOCOMMIT
+            # asyncpg's own flag, for a BEGIN sent as a statement; it outlives a connection the
+            # server closed. A terminated connection has no protocol left to ask: assume one.
+            try:
+                in_transaction = dbapi_conn._connection.is_in_transaction()
+            except AttributeError:
+                return Position.IN_TRANSACTION
+            return Position.IN_TRANSACTION if in_transaction else Position.AUTOCOMMIT
         # SQLAlchemy's adapter sends BEGIN with this statement (asyncpg refuses to if a BEGIN
         # was sent behind the adapter's back, so that case never gets to run).
         return Position.STARTS_TRANSACTION

@@ -6,10 +6,10 @@
   connect retries with backoff through tenacity, bounded by :attr:`Policy.connect_deadline`;
 * ``handle_error`` - classification, invalidation and re-raising as dbresilience errors (also
   the bare ``OSError``/``TimeoutError`` asyncpg lets escape SQLAlchemy unwrapped);
-* ``do_execute``/``do_execute_no_params``/``do_executemany`` - before the first statement of a
-  transaction, a cheap stale-connection check (no ping) that swaps a dead connection for a new
-  one before anything is sent; replay of a first statement that failed only because the
-  connection was already dead; the watchdog bound on every statement;
+* pool ``checkout`` - cheap stale-connection detection (no ping per checkout);
+* ``do_execute``/``do_execute_no_params``/``do_executemany`` - replay of the first statement of
+  a transaction that failed only because the connection was already dead; the watchdog bound
+  on every statement;
 * wrappers around the dialect's ``do_commit`` (a connection lost during COMMIT is reported as
   :class:`CommitOutcomeUnknown`, never as a plain disconnect) and ``do_rollback`` (a rollback
   on a dead connection is moot: the server already discarded the transaction).
@@ -35,7 +35,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.default import DefaultDialect
-from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect, ExceptionContext
+from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect, ExceptionContext, ExecuteStyle
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
@@ -62,7 +62,6 @@ IDEMPOTENT_OPTION = "dbresilience_idempotent"
 _IN_TRANSACTION = Position.IN_TRANSACTION  # module globals: read on every statement
 _STARTS_TRANSACTION = Position.STARTS_TRANSACTION
 _AUTOCOMMIT = Position.AUTOCOMMIT
-_CLOSED = Position.CLOSED
 
 _monotonic = time.monotonic
 
@@ -243,20 +242,36 @@ class EngineResilience:
 
     # -- stale-connection detection ----------------------------------------------------------
 
-    def _found_dead(self, raw: Any) -> bool:
-        """Whether ``raw``, idle for longer than the liveness window, is dead (zero round trips
-        unless in doubt)."""
-        if not self.driver.looks_dead(raw):
-            return False
-        # Readable while idle: usually FATAL + EOF from the server; rarely a NOTIFY. Confirm.
+    def on_checkout(
+        self, dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+    ) -> None:
+        # Here, before SQLAlchemy makes a cursor: a connection swapped later under a running
+        # statement would not reach code that holds the old cursor (insertmanyvalues batches).
+        info = record.info
+        now = _monotonic()
+        last_used = info.get(_LAST_USED, now)  # "last used" is the last checkout
+        info[_LAST_USED] = now
+        if self.driver.closed(dbapi_conn):
+            dead = True
+        elif now - last_used < self.window or not self.driver.looks_dead(dbapi_conn):
+            return  # used a moment ago, or nothing to read on its idle socket
+        else:
+            # Readable while idle: usually FATAL + EOF from the server; rarely a NOTIFY.
+            dead = not self._ping(dbapi_conn)
+        if dead:
+            self.stats.incr("dead.replaced")
+            # SQLAlchemy's pool invalidates this connection and connects anew in its place.
+            raise sa_exc.DisconnectionError("dbresilience: pooled connection found dead")
+
+    def _ping(self, dbapi_conn: Any) -> bool:
         engine = self.engine_ref()
         if engine is None:
-            return False
-        key = self.arm(raw)
-        try:
-            return not engine.dialect.do_ping(raw)
-        except Exception:
             return True
+        key = self.arm(dbapi_conn)
+        try:
+            return bool(engine.dialect.do_ping(dbapi_conn))
+        except Exception:
+            return False
         finally:
             self.disarm(key)
 
@@ -303,7 +318,7 @@ class EngineResilience:
             )
         return None
 
-    # -- statements: stale check, first-statement replay, watchdog -------------------------
+    # -- statements: first-statement replay, watchdog -------------------------
 
     def on_execute(self, method: str, cursor: Any, statement: str, *rest: Any) -> bool:
         """The ``do_execute``, ``do_execute_no_params`` and ``do_executemany`` listener, bound to
@@ -315,22 +330,6 @@ class EngineResilience:
         raw = fairy.dbapi_connection
         # Read *before* executing: afterwards a broken connection reports nothing useful.
         position = self._position(raw)
-        record = fairy._connection_record
-        if position is not _IN_TRANSACTION and record is not None:
-            # The first statement of a transaction (or an autocommit one): a dead connection
-            # can be swapped for a new one before anything is sent, losing nothing. "Last
-            # used" is the last such statement, in the pool record's info (cleared on reconnect).
-            info = record.info
-            now = _monotonic()
-            last_used = info.get(_LAST_USED, now)
-            info[_LAST_USED] = now
-            if position is _CLOSED or (now - last_used >= self.window and self._found_dead(raw)):
-                self.stats.incr("dead.replaced")
-                cursor = self._reconnect(
-                    context, sa_exc.DisconnectionError("dbresilience: connection found dead")
-                )
-                raw = fairy.dbapi_connection
-                position = self._position(raw)
         # The watchdog, armed inline: this is the hottest path of all.
         bound = self.call_bound
         if bound:
@@ -348,17 +347,21 @@ class EngineResilience:
                         and bool(context.execution_options.get(IDEMPOTENT_OPTION))
                     )
                 )
+                and fairy._connection_record is not None  # not detached from the pool
+                # SQLAlchemy runs its batches on, and fetches their RETURNING rows from, the
+                # cursor it made: a new one would not be seen.
+                and context.execute_style is not ExecuteStyle.INSERTMANYVALUES
             ):
                 raise
             found = self.driver.refine(exc, classify(exc))
             if found.kind is not ErrorKind.DISCONNECT:
                 raise
-            self.stats.retry("statement", 1, 0.0, found)
-            self.stats.incr("replay.statement")
             # Like SQLAlchemy's default for disconnects: connections older than this one are
             # suspect too (a restart kills them all); they are recycled at their next checkout.
             context.root_connection.engine.pool._invalidate(fairy, exc, _checkin=False)
             new_cursor = self._reconnect(context, exc)
+            self.stats.retry("statement", 1, 0.0, found)
+            self.stats.incr("replay.statement")
         finally:
             if bound:
                 self._armed.pop(raw, None)
@@ -380,8 +383,13 @@ class EngineResilience:
         fairy = context._dbapi_connection
         record = fairy._connection_record
         connection = context.root_connection
+        # The resets SQLAlchemy runs at checkin (isolation level and other characteristics set
+        # for this checkout): invalidate() drops them with the old connection, the new one
+        # needs them as much.
+        resets = list(record.finalize_callback)
         record.invalidate(exc)
         fairy.dbapi_connection = record.get_connection()
+        record.finalize_callback.extend(resets)
         dialect = connection.dialect
         options = connection._execution_options
         for name in set(dialect.connection_characteristics).intersection(options):
@@ -440,9 +448,8 @@ class EngineResilience:
         # SQLAlchemy's default do_rollback is the driver's rollback() (unless the engine skips
         # rollbacks in autocommit): then call the driver directly, skipping that method and the
         # pool proxy's __getattr__, two frames on the path of every checkin.
-        direct = type(dialect).do_rollback is DefaultDialect.do_rollback and not getattr(
-            dialect, "skip_autocommit_rollback", False
-        )
+        direct = getattr(do_rollback, "__func__", None) is DefaultDialect.do_rollback
+        direct = direct and not getattr(dialect, "skip_autocommit_rollback", False)
 
         def rollback(dbapi_connection: Any) -> None:
             # Runs at every checkin (SQLAlchemy's reset-on-return): the watchdog armed inline,
@@ -509,6 +516,7 @@ def install(engine: Engine | AsyncEngine, policy: Policy | None = None) -> Engin
     event.listen(sync_engine, "do_execute", execute)
     event.listen(sync_engine, "do_execute_no_params", execute)
     event.listen(sync_engine, "do_executemany", functools.partial(state.on_execute, "executemany"))
+    event.listen(sync_engine, "checkout", state.on_checkout)
     state.wrap_dialect(sync_engine)
     _installed[sync_engine] = state
     return state

@@ -141,14 +141,13 @@ async def test_killed_idle_connection_is_replaced_transparently(
     async with engine.begin() as conn:
         assert await _pid(conn) != first
     stats = get_stats(engine)
-    # asyncpg reads the FATAL while idle (is_closed() before the statement); psycopg finds out
-    # on use.
+    # asyncpg reads the FATAL while idle (is_closed() at checkout); psycopg finds out on use.
     assert stats.get("replay.statement", 0) + stats.get("dead.replaced", 0) == 1
     assert stats.get("error.disconnect", 0) == 0
 
 
 @pytest.mark.asyncio
-async def test_dead_connection_unread_by_the_loop_is_caught_before_use(
+async def test_dead_connection_unread_by_the_loop_is_caught_at_checkout(
     shared_pg: PostgresCluster, make_engine: MakeEngine
 ) -> None:
     engine = make_engine()
@@ -163,6 +162,31 @@ async def test_dead_connection_unread_by_the_loop_is_caught_before_use(
     stats = get_stats(engine)
     assert stats["dead.replaced"] == 1
     assert stats.get("replay.statement", 0) == 0
+
+
+@pytest.mark.asyncio
+async def test_explicit_transaction_in_autocommit_mode_is_never_split(
+    shared_pg: PostgresCluster, make_engine: MakeEngine
+) -> None:
+    # A BEGIN sent as a statement on an autocommit connection, then the server kills it: the
+    # next statement must fail, not run (and commit on its own) on a new connection while the
+    # caller believes it is still inside its transaction.
+    shared_pg.execute("create table if not exists split_tx (x int)")
+    shared_pg.execute("truncate split_tx")
+    engine = make_engine(isolation_level="AUTOCOMMIT")
+    async with engine.connect() as conn:
+        await conn.exec_driver_sql("BEGIN")
+        await conn.execute(text("insert into split_tx values (1)"))
+        _kill(shared_pg, make_engine)
+        await asyncio.sleep(0.1)
+        with pytest.raises(dbresilience.DisconnectError):
+            await conn.execute(
+                text("insert into split_tx values (2)").execution_options(
+                    dbresilience_idempotent=True  # even so: not outside its transaction
+                )
+            )
+    assert shared_pg.execute("select count(*) from split_tx")[0][0] == 0
+    assert get_stats(engine).get("replay.statement", 0) == 0
 
 
 @pytest.mark.asyncio

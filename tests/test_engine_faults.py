@@ -7,7 +7,8 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import Engine, create_engine, exc, text
+from sqlalchemy import Column, Engine, Integer, MetaData, Table, create_engine, exc, insert, text
+from sqlalchemy.orm import DeclarativeBase, Session
 
 import dbresilience
 from dbresilience import Policy, create_resilient_engine, get_stats
@@ -52,23 +53,70 @@ def test_killed_idle_connection_is_caught_before_use_after_window(
     assert stats["dead.replaced"] == 1
     assert stats.get("replay.statement", 0) == 0
 
-def test_held_connection_killed_between_transactions_is_replaced_before_the_next(
-    pg: PostgresCluster,
-) -> None:
-    # The check runs before each transaction's first statement, not only at checkout: a
-    # Connection kept open across transactions is covered too, without any replay.
-    engine = create_resilient_engine(pg.url(), policy=Policy(replay_first_statement=False))
+def test_orm_flush_of_several_rows_after_an_idle_kill_is_transparent(pg: PostgresCluster) -> None:
+    # A multi-row INSERT .. RETURNING (SQLAlchemy's insertmanyvalues) as the first statement:
+    # SQLAlchemy keeps using the cursor it made, so the dead connection must be replaced before
+    # that cursor exists, i.e. at checkout.
+    engine = create_resilient_engine(pg.url())
+    with engine.begin() as conn:
+        conn.execute(text("create table flushed (id serial primary key, x int)"))
+    metadata = MetaData()
+    flushed = Table(
+        "flushed", metadata, Column("id", Integer, primary_key=True), Column("x", Integer)
+    )
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Row(Base):
+        __table__ = flushed
+
+    pg.terminate_backends()
+    time.sleep(0.6)  # past Policy.liveness_window
+    with Session(engine) as session:
+        rows = [Row(x=i) for i in range(3)]
+        session.add_all(rows)
+        session.commit()
+        assert sorted(row.id for row in rows) == [1, 2, 3]
+    assert pg.execute("select count(*) from flushed")[0][0] == 3
+    assert get_stats(engine)["dead.replaced"] == 1
+    engine.dispose()
+
+
+def test_multi_row_insert_returning_is_never_replayed(pg: PostgresCluster) -> None:
+    # On a held connection (no checkout in between) the dead connection is found only by the
+    # statement itself. Replaying a batch on a new cursor would commit rows whose RETURNING
+    # SQLAlchemy then reads from the old cursor: the error must surface instead.
+    engine = create_resilient_engine(pg.url())
+    metadata = MetaData()
+    batch = Table("batch", metadata, Column("id", Integer, primary_key=True), Column("x", Integer))
+    metadata.create_all(engine)
     with engine.connect() as conn:
-        first = _pid(conn)
+        conn.execute(text("select 1"))
         conn.commit()
         pg.terminate_backends()
-        time.sleep(0.6)  # past Policy.liveness_window
-        assert _pid(conn) != first
-        conn.commit()
-    stats = get_stats(engine)
-    assert stats["dead.replaced"] == 1
-    assert stats.get("replay.statement", 0) == 0
-    assert stats.get("error.disconnect", 0) == 0
+        time.sleep(0.1)
+        with pytest.raises(dbresilience.DisconnectError):
+            conn.execute(insert(batch).returning(batch.c.id), [{"x": 1}, {"x": 2}, {"x": 3}])
+    assert pg.execute("select count(*) from batch")[0][0] == 0
+    assert get_stats(engine).get("replay.statement", 0) == 0
+    engine.dispose()
+
+
+def test_replay_keeps_the_reset_of_connection_characteristics(pg: PostgresCluster) -> None:
+    # The replayed statement runs on a new connection with the checkout's isolation level;
+    # SQLAlchemy must still reset it at checkin, or the next user of the pool inherits it.
+    engine = create_resilient_engine(pg.url(), pool_size=1, max_overflow=0)
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))
+    pg.terminate_backends()
+    time.sleep(0.05)  # within Policy.liveness_window: the statement finds out, and is replayed
+    with engine.connect().execution_options(isolation_level="SERIALIZABLE") as conn:
+        level = conn.execute(text("show transaction_isolation")).scalar_one()
+        assert level == "serializable"
+    assert get_stats(engine)["replay.statement"] == 1
+    with engine.connect() as conn:
+        assert conn.execute(text("show transaction_isolation")).scalar_one() == "read committed"
     engine.dispose()
 
 
