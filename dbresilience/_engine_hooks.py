@@ -325,7 +325,6 @@ class EngineResilience:
         ``method`` (``"execute"``/``"executemany"``) with :func:`functools.partial`: no
         extra frame on the hottest path. ``rest`` is ``([parameters,] context)``."""
         context = rest[-1]
-        args = (statement, *rest[:-1])
         fairy = context._dbapi_connection
         raw = fairy.dbapi_connection
         # Read *before* executing: afterwards a broken connection reports nothing useful.
@@ -335,7 +334,7 @@ class EngineResilience:
         if bound:
             self._armed[raw] = (_monotonic() + bound, self)
         try:
-            getattr(cursor, method)(*args)
+            getattr(cursor, method)(statement, *rest[:-1])
             return True
         except Exception as exc:
             if not (
@@ -367,7 +366,7 @@ class EngineResilience:
                 self._armed.pop(raw, None)
         key = self.arm(fairy.dbapi_connection)
         try:
-            getattr(new_cursor, method)(*args)
+            getattr(new_cursor, method)(statement, *rest[:-1])
         finally:
             self.disarm(key)
         context.cursor = new_cursor
