@@ -30,12 +30,11 @@ class Policy:
 
     Dead-connection detection:
 
-    :param liveness_window: before the first statement of a transaction, a connection whose
-        last transaction began less than this long ago is only asked whether its driver knows
-        it closed (HikariCP skips checks for 0.5 s, Rails 2 s). Older ones also get a
-        zero-round-trip socket check (a socket with unread bytes while idle means the server
-        hung up; only then is a real ping sent). A dead one is replaced before anything is
-        sent. Default 0.5 s.
+    :param liveness_window: a pooled connection checked out less than this long ago is handed
+        out again after only asking its driver whether it knows the connection closed (HikariCP
+        skips checks for 0.5 s, Rails 2 s). Older ones also get a zero-round-trip socket check
+        (a socket with unread bytes while idle means the server hung up; only then is a real
+        ping sent). Default 0.5 s.
     :param replay_first_statement: when the first statement of a transaction fails because the
         connection was already dead, reconnect and run that statement once more. Never done in
         autocommit mode unless the execution is marked ``dbresilience_idempotent=True``.
