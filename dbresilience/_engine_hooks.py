@@ -318,7 +318,7 @@ class EngineResilience:
             )
         return None
 
-    # -- statements: first-statement replay, watchdog -------------------------
+    # -- statements: first-statement replay, watchdog ------------------------------------------
 
     def on_execute(self, method: str, cursor: Any, statement: str, *rest: Any) -> bool:
         """The ``do_execute``, ``do_execute_no_params`` and ``do_executemany`` listener, bound to
@@ -395,9 +395,7 @@ class EngineResilience:
             dialect.connection_characteristics[name].set_connection_characteristic(
                 dialect, connection, fairy.dbapi_connection, options[name]
             )
-        cursor = context.create_cursor()
-        context.cursor = cursor
-        return cursor
+        return context.create_cursor()
 
     # -- commit and rollback ---------------------------------------------------------------
 
