@@ -1,18 +1,23 @@
 """Engine hooks: the SQLAlchemy event listeners that make an engine resilient.
 
-:func:`install` registers, on one engine only:
+:func:`install` hooks, on one engine only:
 
-* ``do_connect`` - network defaults (timeouts, keepalives; for asyncpg set on the socket) and
-  connect retries with backoff through tenacity, bounded by :attr:`Policy.connect_deadline`;
-* ``handle_error`` - classification, invalidation and re-raising as dbresilience errors (also
-  the bare ``OSError``/``TimeoutError`` asyncpg lets escape SQLAlchemy unwrapped);
-* pool ``checkout`` - cheap stale-connection detection (no ping per checkout);
-* ``do_execute``/``do_execute_no_params``/``do_executemany`` - replay of the first statement of
-  a transaction that failed only because the connection was already dead; the watchdog bound
-  on every statement;
-* wrappers around the dialect's ``do_commit`` (a connection lost during COMMIT is reported as
-  :class:`CommitOutcomeUnknown`, never as a plain disconnect) and ``do_rollback`` (a rollback
-  on a dead connection is moot: the server already discarded the transaction).
+* ``do_connect`` (event) - network defaults (timeouts, keepalives; for asyncpg set on the
+  socket) and connect retries with backoff through tenacity, bounded by
+  :attr:`Policy.connect_deadline`;
+* ``handle_error`` (event) - classification, invalidation and re-raising as dbresilience
+  errors (also the bare ``OSError``/``TimeoutError`` asyncpg lets escape SQLAlchemy unwrapped);
+* the pool's ``_do_get`` (wrapped) - cheap stale-connection detection on every connection the
+  pool hands out (no ping per checkout);
+* the dialect's ``do_execute``/``do_executemany``/``do_execute_no_params`` (wrapped) - the
+  watchdog bound on every statement, and replay of the first statement of a transaction that
+  failed only because the connection was already dead;
+* the dialect's ``do_commit`` (wrapped) - a connection lost during COMMIT is reported as
+  :class:`CommitOutcomeUnknown`, never as a plain disconnect - and ``do_rollback`` (wrapped) -
+  a rollback on a dead connection is moot: the server already discarded the transaction.
+
+The hot paths are wrapped rather than listened to where SQLAlchemy's event dispatch would cost
+as much as the work itself (see the README's happy-path cost).
 
 Written once for sync and async engines: with an AsyncEngine the listeners run inside
 SQLAlchemy's greenlet, where driver calls block only the current task; the only waits of our
@@ -23,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 import traceback
 import weakref
@@ -36,7 +40,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect, ExceptionContext, ExecuteStyle
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
 from dbresilience._circuit_breaker import CircuitBreaker
@@ -242,26 +246,57 @@ class EngineResilience:
 
     # -- stale-connection detection ----------------------------------------------------------
 
-    def on_checkout(
-        self, dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
-    ) -> None:
-        # Here, before SQLAlchemy makes a cursor: a connection swapped later under a running
-        # statement would not reach code that holds the old cursor (insertmanyvalues batches).
-        info = record.info
-        now = _monotonic()
-        last_used = info.get(_LAST_USED, now)  # "last used" is the last checkout
-        info[_LAST_USED] = now
-        if self.driver.closed(dbapi_conn):
-            dead = True
-        elif now - last_used < self.window or not self.driver.looks_dead(dbapi_conn):
-            return  # used a moment ago, or nothing to read on its idle socket
-        else:
+    def hook_pool(self, pool: Pool) -> None:
+        """Vet every connection ``pool`` hands out, and do the same in the pools that
+        ``pool.recreate()`` makes (:meth:`Engine.dispose` replaces the engine's pool).
+
+        Hooked into ``Pool._do_get``, where the pool takes a connection from its queue (or
+        makes a new one), rather than listening to the pool's ``checkout`` event: both run
+        before SQLAlchemy makes a cursor, but that event's dispatch costs as much again as the
+        check itself. A connection found dead is invalidated there, and SQLAlchemy's
+        ``_ConnectionRecord.checkout`` reconnects it in place.
+        """
+        get = pool._do_get
+        recreate = pool.recreate
+        closed = self.driver.closed
+        window = self.window
+        vet = self._vet
+
+        def _do_get() -> ConnectionPoolEntry:
+            record = get()
+            try:
+                dbapi_conn = record.dbapi_connection
+                if dbapi_conn is not None:  # None: invalidated earlier, about to reconnect
+                    info = record.info
+                    now = _monotonic()
+                    idle = now - info.get(_LAST_USED, now)  # since it was last checked out
+                    info[_LAST_USED] = now
+                    if closed(dbapi_conn) or idle >= window:
+                        vet(record, dbapi_conn)
+            except BaseException as exc:  # cancelled mid-ping...: give the connection back
+                record._checkin_failed(exc, _fairy_was_created=False)  # type: ignore[attr-defined]
+                raise
+            return record
+
+        def _recreate() -> Pool:
+            new = recreate()
+            self.hook_pool(new)
+            return new
+
+        pool._do_get = _do_get  # type: ignore[method-assign]
+        pool.recreate = _recreate  # type: ignore[method-assign]
+
+    def _vet(self, record: ConnectionPoolEntry, dbapi_conn: Any) -> None:
+        """Invalidate ``record`` if its connection is closed or, having been idle past
+        :attr:`Policy.liveness_window`, looks dead (then confirmed by a ping)."""
+        if not self.driver.closed(dbapi_conn):
+            if not self.driver.looks_dead(dbapi_conn):
+                return  # nothing to read on its idle socket
             # Readable while idle: usually FATAL + EOF from the server; rarely a NOTIFY.
-            dead = not self._ping(dbapi_conn)
-        if dead:
-            self.stats.incr("dead.replaced")
-            # SQLAlchemy's pool invalidates this connection and connects anew in its place.
-            raise sa_exc.DisconnectionError("dbresilience: pooled connection found dead")
+            if self._ping(dbapi_conn):
+                return
+        self.stats.incr("dead.replaced")
+        record.invalidate(sa_exc.DisconnectionError("dbresilience: pooled connection found dead"))
 
     def _ping(self, dbapi_conn: Any) -> bool:
         engine = self.engine_ref()
@@ -320,53 +355,109 @@ class EngineResilience:
 
     # -- statements: first-statement replay, watchdog ------------------------------------------
 
-    def on_execute(self, method: str, cursor: Any, statement: str, *rest: Any) -> bool:
-        """The ``do_execute``, ``do_execute_no_params`` and ``do_executemany`` listener, bound to
-        ``method`` (``"execute"``/``"executemany"``) with :func:`functools.partial`: no
-        extra frame on the hottest path. ``rest`` is ``([parameters,] context)``."""
-        context = rest[-1]
-        fairy = context._dbapi_connection
-        raw = fairy.dbapi_connection
-        # Read *before* executing: afterwards a broken connection reports nothing useful.
-        position = self._position(raw)
-        # The watchdog, armed inline: this is the hottest path of all.
+    def wrap_execute(self, dialect: Dialect) -> None:
+        """Wrap the dialect's ``do_execute``, ``do_executemany`` and ``do_execute_no_params``:
+        the watchdog bound on every statement, and replay of the first statement of a
+        transaction that failed only because the connection was already dead.
+
+        Wrapped rather than listened to (``do_execute`` events): SQLAlchemy then calls straight
+        into the wrapper, the hottest path of all, and a user's ``do_execute`` listener that
+        runs statements itself keeps working.
+        """
+        dialect.do_execute = self._guard(  # type: ignore[method-assign]
+            dialect.do_execute, "execute", DefaultDialect.do_execute
+        )
+        dialect.do_executemany = self._guard(  # type: ignore[method-assign]
+            dialect.do_executemany, "executemany", DefaultDialect.do_executemany
+        )
+        no_params = dialect.do_execute_no_params
+
+        def call_no_params(cursor: Any, statement: str, _: Any, context: Any = None) -> None:
+            no_params(cursor, statement, context)
+
+        guarded = self._guard(call_no_params, "execute", None)
+
+        def do_execute_no_params(cursor: Any, statement: str, context: Any = None) -> None:
+            guarded(cursor, statement, None, context)
+
+        dialect.do_execute_no_params = do_execute_no_params  # type: ignore[method-assign]
+
+    def _guard(
+        self, original: Callable[..., Any], method: str, default: Callable[..., Any] | None
+    ) -> Callable[..., None]:
+        """``original`` (a dialect's ``do_execute``-like method) bounded by the watchdog and
+        replayed when safe. When it is SQLAlchemy's ``default`` the cursor's ``method`` is
+        called directly: one frame less on every statement."""
+        direct = default is not None and getattr(original, "__func__", None) is default
+        position_of = self._position
+        armed = self._armed
         bound = self.call_bound
-        if bound:
-            self._armed[raw] = (_monotonic() + bound, self)
-        try:
-            getattr(cursor, method)(statement, *rest[:-1])
-            return True
-        except Exception as exc:
-            if not (
-                self.replay
-                and (
-                    position is _STARTS_TRANSACTION
-                    or (
-                        position is _AUTOCOMMIT
-                        and bool(context.execution_options.get(IDEMPOTENT_OPTION))
-                    )
+        replay = self._replay
+
+        def guarded(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
+            if context is None:  # called outside any execution: nothing to replay it with
+                return original(cursor, statement, parameters, context)  # type: ignore[no-any-return]
+            raw = context._dbapi_connection.dbapi_connection
+            # Read *before* executing: afterwards a broken connection reports nothing useful.
+            position = position_of(raw)
+            if bound:  # the watchdog, armed inline
+                armed[raw] = (_monotonic() + bound, self)
+            try:
+                if direct:
+                    getattr(cursor, method)(statement, parameters)
+                else:
+                    original(cursor, statement, parameters, context)
+            except Exception as exc:
+                if bound:
+                    armed.pop(raw, None)
+                if not replay(exc, position, context, original, statement, parameters):
+                    raise
+            finally:
+                if bound:
+                    armed.pop(raw, None)
+            return None
+
+        return guarded
+
+    def _replay(
+        self,
+        exc: Exception,
+        position: Position,
+        context: Any,
+        call: Callable[..., Any],
+        statement: str,
+        parameters: Any,
+    ) -> bool:
+        """After ``exc`` from a statement: when it is safe, run the statement again on a new
+        connection and return True; False lets ``exc`` propagate."""
+        if not (
+            self.replay
+            and (
+                position is _STARTS_TRANSACTION
+                or (
+                    position is _AUTOCOMMIT
+                    and bool(context.execution_options.get(IDEMPOTENT_OPTION))
                 )
-                and fairy._connection_record is not None  # not detached from the pool
-                # SQLAlchemy runs its batches on, and fetches their RETURNING rows from, the
-                # cursor it made: a new one would not be seen.
-                and context.execute_style is not ExecuteStyle.INSERTMANYVALUES
-            ):
-                raise
-            found = self.driver.refine(exc, classify(exc))
-            if found.kind is not ErrorKind.DISCONNECT:
-                raise
-            # Like SQLAlchemy's default for disconnects: connections older than this one are
-            # suspect too (a restart kills them all); they are recycled at their next checkout.
-            context.root_connection.engine.pool._invalidate(fairy, exc, _checkin=False)
-            new_cursor = self._reconnect(context, exc)
-            self.stats.retry("statement", 1, 0.0, found)
-            self.stats.incr("replay.statement")
-        finally:
-            if bound:
-                self._armed.pop(raw, None)
+            )
+            and context._dbapi_connection._connection_record is not None  # not detached
+            # SQLAlchemy runs its batches on, and fetches their RETURNING rows from, the
+            # cursor it made: a new one would not be seen.
+            and context.execute_style is not ExecuteStyle.INSERTMANYVALUES
+        ):
+            return False
+        found = self.driver.refine(exc, classify(exc))
+        if found.kind is not ErrorKind.DISCONNECT:
+            return False
+        # Like SQLAlchemy's default for disconnects: connections older than this one are
+        # suspect too (a restart kills them all); they are recycled at their next checkout.
+        fairy = context._dbapi_connection
+        context.root_connection.engine.pool._invalidate(fairy, exc, _checkin=False)
+        new_cursor = self._reconnect(context, exc)
+        self.stats.retry("statement", 1, 0.0, found)
+        self.stats.incr("replay.statement")
         key = self.arm(fairy.dbapi_connection)
         try:
-            getattr(new_cursor, method)(statement, *rest[:-1])
+            call(new_cursor, statement, parameters, context)
         finally:
             self.disarm(key)
         context.cursor = new_cursor
@@ -509,11 +600,8 @@ def install(engine: Engine | AsyncEngine, policy: Policy | None = None) -> Engin
     state = EngineResilience(sync_engine, policy or Policy())
     event.listen(sync_engine, "do_connect", state.on_do_connect)
     event.listen(sync_engine, "handle_error", state.on_handle_error)
-    execute = functools.partial(state.on_execute, "execute")
-    event.listen(sync_engine, "do_execute", execute)
-    event.listen(sync_engine, "do_execute_no_params", execute)
-    event.listen(sync_engine, "do_executemany", functools.partial(state.on_execute, "executemany"))
-    event.listen(sync_engine, "checkout", state.on_checkout)
+    state.wrap_execute(sync_engine.dialect)
+    state.hook_pool(sync_engine.pool)
     state.wrap_dialect(sync_engine)
     _installed[sync_engine] = state
     return state

@@ -165,6 +165,42 @@ async def test_dead_connection_unread_by_the_loop_is_caught_at_checkout(
 
 
 @pytest.mark.asyncio
+async def test_task_cancelled_during_the_checkout_ping_gives_the_connection_back(
+    shared_pg: PostgresCluster, driver: str
+) -> None:
+    with ChaosProxy(shared_pg.host, shared_pg.port) as proxy:
+        engine = create_async_resilient_engine(
+            shared_pg.url(driver, port=proxy.port), pool_size=1, max_overflow=0, pool_timeout=5
+        )
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("listen dbresilience_ping"))
+                await conn.commit()
+            shared_pg.execute("notify dbresilience_ping")
+            # Block the event loop: the driver cannot read the NOTIFY, so past the liveness
+            # window the idle socket is readable and the checkout pings the connection...
+            time.sleep(0.6)
+            proxy.set_latency(2.0)  # ...and the ping gets no answer for 4 s.
+
+            async def checkout() -> None:
+                async with engine.connect() as conn:
+                    await conn.execute(text("select 1"))
+
+            task = asyncio.create_task(checkout())
+            await asyncio.sleep(0.5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            proxy.passthrough()
+            # The pool's only connection came back (invalidated): none is lost to the cancel.
+            assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+            async with engine.connect() as conn:
+                assert (await conn.execute(text("select 1"))).scalar_one() == 1
+        finally:
+            await engine.dispose()
+
+
+@pytest.mark.asyncio
 async def test_explicit_transaction_in_autocommit_mode_is_never_split(
     shared_pg: PostgresCluster, make_engine: MakeEngine
 ) -> None:

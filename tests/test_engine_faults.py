@@ -7,7 +7,18 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import Column, Engine, Integer, MetaData, Table, create_engine, exc, insert, text
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    Table,
+    create_engine,
+    event,
+    exc,
+    insert,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Session
 
 import dbresilience
@@ -52,6 +63,30 @@ def test_killed_idle_connection_is_caught_before_use_after_window(
     stats = get_stats(engine)
     assert stats["dead.replaced"] == 1
     assert stats.get("replay.statement", 0) == 0
+
+def test_stale_check_survives_dispose(pg: PostgresCluster, engine: Engine) -> None:
+    # dispose() gives the engine a new pool: it must be vetted like the first one.
+    engine.dispose()
+    with engine.connect() as conn:
+        first = _pid(conn)
+    pg.terminate_backends()
+    time.sleep(0.6)  # past Policy.liveness_window
+    with engine.connect() as conn:
+        assert _pid(conn) != first
+    assert get_stats(engine)["dead.replaced"] == 1
+
+
+def test_users_do_execute_listeners_still_run(engine: Engine) -> None:
+    seen: list[str] = []
+
+    @event.listens_for(engine, "do_execute")
+    def record(cursor: object, statement: str, parameters: object, context: object) -> None:
+        seen.append(statement)  # returns None: SQLAlchemy then executes the statement itself
+
+    with engine.connect() as conn:
+        assert conn.execute(text("select 7")).scalar_one() == 7
+    assert seen[-1] == "select 7"
+
 
 def test_orm_flush_of_several_rows_after_an_idle_kill_is_transparent(pg: PostgresCluster) -> None:
     # A multi-row INSERT .. RETURNING (SQLAlchemy's insertmanyvalues) as the first statement:
