@@ -32,3 +32,19 @@ def test_benchmark_runs_and_reports_ratios(script: str, engines: set[str]) -> No
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(summary["paired_median_ratio"]) == engines
     assert all(ratio > 0 for ratio in summary["paired_median_ratio"].values())
+
+
+def test_bytecode_counter_runs_and_sees_the_hooks() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "count_bytecodes.py"), "--ops", "20"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["resilient"] > summary["plain"] > 0
+    # Every op passes through the statement guard and the pool wrapper.
+    assert summary["diff"]["dbresilience/_engine_hooks.py:guarded"] > 0
+    assert summary["diff"]["dbresilience/_engine_hooks.py:_do_get"] > 0
