@@ -18,7 +18,6 @@ import asyncio
 import collections
 import json
 import sys
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
