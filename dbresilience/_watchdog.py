@@ -80,10 +80,22 @@ class Watchdog:
     def _run(self) -> None:
         while True:
             time.sleep(self._tick)
-            now = time.monotonic()
-            for connection, (deadline, owner) in list(self._armed.items()):
-                if now >= deadline and self._armed.pop(connection, None) is not None:
-                    self._fire(connection, owner)
+            self._sweep(time.monotonic(), list(self._armed.items()))
+
+    def _sweep(self, now: float, seen: list[tuple[Any, tuple[float, Guarded]]]) -> None:
+        """Fire on the calls of ``seen`` (a snapshot of the armed ones) overdue at ``now``."""
+        armed = self._armed
+        for connection, entry in seen:
+            # Compare and pop: the call seen may have returned and its connection been armed
+            # again (a new call, a new entry) since the snapshot; only the same entry is fired.
+            # (Re-armed between get() and pop(), two bytecodes apart, the new call would lose
+            # its bound, never be cut off by mistake.)
+            if (
+                now >= entry[0]
+                and armed.get(connection) is entry
+                and armed.pop(connection, None) is entry
+            ):
+                self._fire(connection, entry[1])
 
     @staticmethod
     def _fire(connection: object, owner: Guarded) -> None:
