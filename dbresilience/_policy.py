@@ -65,7 +65,9 @@ class Policy:
 
     Retrying whole transactions (``run_transaction``):
 
-    :param attempts: total attempts including the first. Default 10.
+    :param attempts: total attempts including the first. Default 10. Failures of kind
+        ``unavailable`` (the server or PgBouncer says it cannot serve; nothing ran) do not end
+        the loop by count, only by ``deadline``, as connect retries.
     :param deadline: overall budget for all attempts and waits. Default 30 s.
     :param wait_initial: first backoff step. Default 0.05 s.
     :param wait_max: backoff cap. Default 1 s.

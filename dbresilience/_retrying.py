@@ -2,7 +2,10 @@
 
 All retries go through tenacity with exponential backoff and full jitter
 (``wait_random_exponential``), an attempt cap and an overall deadline; the last wait is cut
-so that it never sleeps past the deadline. A failure carrying ``retry_after`` (an open
+so that it never sleeps past the deadline. Failures of kind ``unavailable`` (the server, or
+PgBouncer in front of it, says it cannot serve: nothing ran) are bounded by the deadline
+alone, as connect retries are: behind a pooler they come back at once, and an attempt cap
+would give up on a restart that the deadline allows for. A failure carrying ``retry_after`` (an open
 circuit breaker) waits at least that long, or ends the loop at once when the breaker would
 still be open at the deadline. :func:`set_testing` removes the sleeps (and can cap
 attempts) for users' test suites, like ``stamina.set_testing``.
@@ -16,7 +19,7 @@ from typing import Any
 
 import tenacity
 
-from dbresilience._classification import classify
+from dbresilience._classification import ErrorKind, classify
 from dbresilience._observability import Stats
 
 __all__ = ["is_testing", "retry_kwargs", "set_testing"]
@@ -83,6 +86,20 @@ def _retry_after(retry_state: tenacity.RetryCallState) -> float:
     return float(value) if isinstance(value, (int, float)) else 0.0
 
 
+class _AttemptStop(tenacity.stop.stop_base):
+    """Stop after ``attempts`` attempts, unless the last one could not reach the server."""
+
+    def __init__(self, attempts: int) -> None:
+        self._attempts = attempts
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        if retry_state.attempt_number < self._attempts:
+            return False
+        outcome = retry_state.outcome
+        exc = outcome.exception() if outcome is not None and outcome.failed else None
+        return exc is None or classify(exc).kind is not ErrorKind.UNAVAILABLE
+
+
 class _BreakerStop(tenacity.stop.stop_base):
     """Stop at once when the circuit breaker will still be open at the deadline."""
 
@@ -105,8 +122,9 @@ def retry_kwargs(
     retry_if: Callable[[BaseException], bool],
 ) -> dict[str, Any]:
     """Keyword arguments for ``tenacity.Retrying`` / ``AsyncRetrying`` (one config, both)."""
-    if _testing and _testing_attempts is not None:
-        attempts = min(attempts, _testing_attempts)
+    attempt_stop: tenacity.stop.stop_base = _AttemptStop(attempts)
+    if _testing and _testing_attempts is not None:  # a hard cap, whatever the failure
+        attempt_stop = tenacity.stop_after_attempt(min(attempts, _testing_attempts))
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         outcome = state.outcome
@@ -117,7 +135,7 @@ def retry_kwargs(
 
     return {
         "stop": (
-            tenacity.stop_after_attempt(attempts)
+            attempt_stop
             | tenacity.stop_after_delay(deadline)
             | _BreakerStop(deadline)
         ),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import psycopg
+from sqlalchemy import Connection, Engine, text
 
+from dbresilience import run_transaction
 from dbresilience.testing import PostgresCluster
 
 SCRAM_ROLE = "app"
@@ -35,6 +38,49 @@ class Ledger:
     errors: list[BaseException] = field(default_factory=list)
     success_times: list[float] = field(default_factory=list)
     longest_silence: float = 0.0
+
+
+def ledger_workload(
+    engine: Engine, fault: Callable[[threading.Event], None], *, threads: int, duration: float
+) -> Ledger:
+    """``threads`` workers run ``run_transaction(insert-then-count)`` into table ``ledger``
+    for ``duration`` seconds while ``fault(stop)`` runs in a thread of its own."""
+    ledger = Ledger()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def insert_then_count(conn: Connection, worker: int, seq: int) -> int:
+        conn.execute(
+            text("insert into ledger (worker, seq) values (:w, :s)"), {"w": worker, "s": seq}
+        )
+        return int(conn.execute(text("select count(*) from ledger")).scalar_one())
+
+    def worker(n: int) -> None:
+        seq = 0
+        while not stop.is_set():
+            seq += 1
+            try:
+                run_transaction(engine, lambda c, s=seq: insert_then_count(c, n, s))
+            except Exception as e:
+                with lock:
+                    ledger.errors.append(e)
+                continue
+            with lock:
+                ledger.acknowledged.add((n, seq))
+                ledger.success_times.append(time.monotonic())
+
+    workers = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(threads)]
+    for t in workers:
+        t.start()
+    faulter = threading.Thread(target=fault, args=(stop,), daemon=True)
+    faulter.start()
+    time.sleep(duration)
+    stop.set()
+    faulter.join(timeout=30)
+    for t in workers:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in workers), "a worker is stuck"
+    return ledger
 
 
 def check_exactly_once(pg: PostgresCluster, ledger: Ledger, *, label: str, minimum: int) -> None:

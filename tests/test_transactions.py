@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from _support import Ledger, check_exactly_once, wait_until_accepting
+from _support import Ledger, check_exactly_once, ledger_workload, wait_until_accepting
 from sqlalchemy import Connection, Engine, exc, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,42 +20,7 @@ DURATION = 8.0
 
 
 def _workload(engine: Engine, fault: Callable[[threading.Event], None]) -> Ledger:
-    ledger = Ledger()
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def insert_then_count(conn: Connection, worker: int, seq: int) -> int:
-        conn.execute(
-            text("insert into ledger (worker, seq) values (:w, :s)"), {"w": worker, "s": seq}
-        )
-        return int(conn.execute(text("select count(*) from ledger")).scalar_one())
-
-    def worker(n: int) -> None:
-        seq = 0
-        while not stop.is_set():
-            seq += 1
-            try:
-                run_transaction(engine, lambda c, s=seq: insert_then_count(c, n, s))
-            except Exception as e:
-                with lock:
-                    ledger.errors.append(e)
-                continue
-            with lock:
-                ledger.acknowledged.add((n, seq))
-                ledger.success_times.append(time.monotonic())
-
-    threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(THREADS)]
-    for t in threads:
-        t.start()
-    faulter = threading.Thread(target=fault, args=(stop,), daemon=True)
-    faulter.start()
-    time.sleep(DURATION)
-    stop.set()
-    faulter.join(timeout=30)
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a worker is stuck"
-    return ledger
+    return ledger_workload(engine, fault, threads=THREADS, duration=DURATION)
 
 
 def _check(pg: PostgresCluster, ledger: Ledger) -> None:
@@ -188,6 +153,31 @@ def test_attempt_cap_and_deadline_bound_the_retries(shared_pg: PostgresCluster) 
             run_transaction(engine, always_conflicts, policy=Policy(attempts=3))
     assert len(attempts) == 3
     assert get_stats(engine)["retry.transaction.transaction-conflict"] == 2
+    engine.dispose()
+
+
+def test_unavailable_failures_are_bounded_by_the_deadline_not_the_attempt_cap(
+    shared_pg: PostgresCluster,
+) -> None:
+    # 25006 (read-only transaction: "we are talking to a standby") is of kind unavailable, like
+    # PgBouncer's "server login has been failing": nothing ran, and behind a pooler such
+    # failures come back at once, so only the deadline may end the wait for the server.
+    shared_pg.execute("create table if not exists hot (id int primary key)")
+    engine = create_resilient_engine(shared_pg.url())
+    tries = []
+
+    def on_a_standby(conn: Connection) -> None:
+        tries.append(1)
+        conn.execute(text("set transaction read only"))
+        conn.execute(text("insert into hot values (1)"))
+
+    started = time.monotonic()
+    policy = Policy(attempts=2, deadline=1.0, wait_initial=0.01, wait_max=0.05)
+    with pytest.raises(dbresilience.DatabaseUnavailable):
+        run_transaction(engine, on_a_standby, policy=policy)
+    took = time.monotonic() - started
+    assert len(tries) > 2
+    assert 0.9 < took < 1.5, took
     engine.dispose()
 
 
