@@ -7,6 +7,7 @@ survives server restarts, killed backends, reset sockets and overload without co
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from dbresilience._classification import Classification, ErrorKind, classify
@@ -40,6 +41,16 @@ def __getattr__(name: str) -> Any:
     # The asyncio API needs greenlet (sqlalchemy[asyncio]), which the sync extras do not
     # install: load it on first use so that `import dbresilience` works without it.
     if name in _LAZY:
+        # SQLAlchemy 2.0 imports its asyncio extension without greenlet, and fails later.
+        try:
+            missing = importlib.util.find_spec("greenlet") is None
+        except ImportError:
+            missing = True
+        if missing:
+            raise ImportError(
+                f"dbresilience.{name} needs greenlet: pip install 'sqlalchemy[asyncio]' "
+                "(or dbresilience[asyncpg])"
+            )
         from dbresilience import _async_transactions
 
         return getattr(_async_transactions, name)

@@ -267,7 +267,9 @@ class EngineResilience:
             try:
                 dbapi_conn = record.dbapi_connection
                 if dbapi_conn is not None:  # None: invalidated earlier, about to reconnect
-                    info = record.info
+                    # record_info: kept across reconnects (info is cleared by get_connection(),
+                    # which runs after this; the stamp would be lost with it).
+                    info: dict[Any, Any] = record.record_info  # type: ignore[assignment]
                     now = _monotonic()
                     idle = now - info.get(_LAST_USED, now)  # since it was last checked out
                     info[_LAST_USED] = now
@@ -392,6 +394,7 @@ class EngineResilience:
         position_of = self._position
         armed = self._armed
         bound = self.call_bound
+        reconnect = self._reconnect_for_replay
         replay = self._replay
 
         def guarded(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
@@ -407,29 +410,27 @@ class EngineResilience:
                     getattr(cursor, method)(statement, parameters)
                 else:
                     original(cursor, statement, parameters, context)
+                return None
             except Exception as exc:
                 if bound:
                     armed.pop(raw, None)
-                if not replay(exc, position, context, original, statement, parameters):
+                new_cursor = reconnect(exc, position, context)
+                if new_cursor is None:
                     raise
             finally:
                 if bound:
                     armed.pop(raw, None)
+            # Outside the except block: an error of the replay is not chained to the first one.
+            replay(new_cursor, context, original, statement, parameters)
             return None
 
         return guarded
 
-    def _replay(
-        self,
-        exc: Exception,
-        position: Position,
-        context: Any,
-        call: Callable[..., Any],
-        statement: str,
-        parameters: Any,
-    ) -> bool:
-        """After ``exc`` from a statement: when it is safe, run the statement again on a new
-        connection and return True; False lets ``exc`` propagate."""
+    def _reconnect_for_replay(
+        self, exc: Exception, position: Position, context: Any
+    ) -> Any | None:
+        """After ``exc`` from a statement: when it is safe to run it again, swap a new
+        connection in and return a cursor on it; ``None`` lets ``exc`` propagate."""
         if not (
             self.replay
             and (
@@ -444,24 +445,35 @@ class EngineResilience:
             # cursor it made: a new one would not be seen.
             and context.execute_style is not ExecuteStyle.INSERTMANYVALUES
         ):
-            return False
+            return None
         found = self.driver.refine(exc, classify(exc))
         if found.kind is not ErrorKind.DISCONNECT:
-            return False
+            return None
         # Like SQLAlchemy's default for disconnects: connections older than this one are
         # suspect too (a restart kills them all); they are recycled at their next checkout.
-        fairy = context._dbapi_connection
-        context.root_connection.engine.pool._invalidate(fairy, exc, _checkin=False)
+        context.root_connection.engine.pool._invalidate(
+            context._dbapi_connection, exc, _checkin=False
+        )
         new_cursor = self._reconnect(context, exc)
         self.stats.retry("statement", 1, 0.0, found)
         self.stats.incr("replay.statement")
-        key = self.arm(fairy.dbapi_connection)
+        return new_cursor
+
+    def _replay(
+        self,
+        cursor: Any,
+        context: Any,
+        call: Callable[..., Any],
+        statement: str,
+        parameters: Any,
+    ) -> None:
+        """Run the statement again on ``cursor`` (from :meth:`_reconnect_for_replay`)."""
+        key = self.arm(context._dbapi_connection.dbapi_connection)
         try:
-            call(new_cursor, statement, parameters, context)
+            call(cursor, statement, parameters, context)
         finally:
             self.disarm(key)
-        context.cursor = new_cursor
-        return True
+        context.cursor = cursor
 
     @staticmethod
     def _reconnect(context: Any, exc: BaseException) -> Any:

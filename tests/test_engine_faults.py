@@ -76,6 +76,45 @@ def test_stale_check_survives_dispose(pg: PostgresCluster, engine: Engine) -> No
     assert get_stats(engine)["dead.replaced"] == 1
 
 
+def test_connection_replaced_at_checkout_is_checked_again_next_time(pg: PostgresCluster) -> None:
+    # The last-use stamp must survive the reconnect of the pool's record, or the new
+    # connection would skip the check at its next checkout. AUTOCOMMIT and not idempotent:
+    # never replayed, so a dead connection that escaped the check would raise.
+    engine = create_resilient_engine(pg.url(), pool_size=1, max_overflow=0)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        _pid(conn)
+    for killed in (1, 2):
+        pg.terminate_backends()
+        time.sleep(0.6)  # past Policy.liveness_window
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            _pid(conn)
+        assert get_stats(engine)["dead.replaced"] == killed
+    engine.dispose()
+
+
+def test_error_of_a_replayed_statement_is_not_chained_to_the_disconnect(
+    pg: PostgresCluster,
+) -> None:
+    engine = create_resilient_engine(pg.url(), pool_size=1, max_overflow=0)
+    pg.execute("create table u (id int primary key)")
+    pg.execute("insert into u values (1)")
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))
+        conn.commit()
+        pg.terminate_backends()
+        time.sleep(0.05)  # inside the liveness window: the statement finds the dead connection
+        with pytest.raises(exc.IntegrityError) as raised:
+            conn.execute(text("insert into u values (1)"))  # replayed, then a real conflict
+    assert get_stats(engine)["replay.statement"] == 1
+    chain = []
+    error: BaseException | None = raised.value.orig
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    assert not any("terminat" in str(e) for e in chain), chain
+    engine.dispose()
+
+
 def test_users_do_execute_listeners_still_run(engine: Engine) -> None:
     seen: list[str] = []
 
