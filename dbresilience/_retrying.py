@@ -78,11 +78,15 @@ class _Wait(tenacity.wait.wait_base):
         return max(0.0, min(wait, self._deadline - elapsed))
 
 
+def _failure(retry_state: tenacity.RetryCallState) -> BaseException | None:
+    """The exception the last attempt raised, if it failed."""
+    outcome = retry_state.outcome
+    return outcome.exception() if outcome is not None and outcome.failed else None
+
+
 def _retry_after(retry_state: tenacity.RetryCallState) -> float:
     """Seconds the failure asked us to wait (an open circuit breaker's cool-down), else 0."""
-    outcome = retry_state.outcome
-    exc = outcome.exception() if outcome is not None and outcome.failed else None
-    value = getattr(exc, "retry_after", 0.0)
+    value = getattr(_failure(retry_state), "retry_after", 0.0)
     return float(value) if isinstance(value, (int, float)) else 0.0
 
 
@@ -95,8 +99,7 @@ class _AttemptStop(tenacity.stop.stop_base):
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         if retry_state.attempt_number < self._attempts:
             return False
-        outcome = retry_state.outcome
-        exc = outcome.exception() if outcome is not None and outcome.failed else None
+        exc = _failure(retry_state)
         return exc is None or classify(exc).kind is not ErrorKind.UNAVAILABLE
 
 

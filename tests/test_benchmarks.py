@@ -6,10 +6,25 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _summary(script: str, *args: str) -> dict[str, Any]:
+    """Run a benchmark script; return the JSON summary of its last line."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return summary
 
 
 @pytest.mark.parametrize(
@@ -21,29 +36,13 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ],
 )
 def test_benchmark_runs_and_reports_ratios(script: str, engines: set[str]) -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--seconds", "0.05", "--rounds", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = _summary(script, "--seconds", "0.05", "--rounds", "1")
     assert set(summary["paired_median_ratio"]) == engines
     assert all(ratio > 0 for ratio in summary["paired_median_ratio"].values())
 
 
 def test_bytecode_counter_runs_and_sees_the_hooks() -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "count_bytecodes.py"), "--ops", "20"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = _summary("count_bytecodes.py", "--ops", "20")
     assert summary["resilient"] > summary["plain"] > 0
     # Every op passes through the statement guard and the pool wrapper.
     assert summary["diff"]["dbresilience/_engine_hooks.py:guarded"] > 0

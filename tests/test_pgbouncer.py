@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from _support import check_exactly_once, ledger_workload
@@ -41,58 +41,55 @@ def _engine(bouncer: PgBouncer) -> Engine:
     )
 
 
+def _exactly_once_under(
+    fault: Callable[[threading.Event], None], pg: PostgresCluster, bouncer: PgBouncer, label: str
+) -> dict[str, int]:
+    """Run the ledger workload through ``bouncer`` while ``fault`` runs; check it; its stats."""
+    engine = _engine(bouncer)
+    try:
+        ledger = ledger_workload(engine, fault, threads=THREADS, duration=DURATION)
+        check_exactly_once(pg, ledger, label=label, minimum=100)
+        stats = get_stats(engine)
+        print(stats)
+        return stats
+    finally:
+        engine.dispose()
+
+
 def test_postgres_restart_behind_pgbouncer_exactly_once(
     pg: PostgresCluster, bouncer: PgBouncer
 ) -> None:
-    engine = _engine(bouncer)
-
     def restart(stop: threading.Event) -> None:
         stop.wait(1.5)
         pg.restart(down_for=1.0)
 
-    ledger = ledger_workload(engine, restart, threads=THREADS, duration=DURATION)
-    check_exactly_once(pg, ledger, label="postgres restart behind pgbouncer", minimum=100)
-    stats = get_stats(engine)
-    print(stats)
+    stats = _exactly_once_under(restart, pg, bouncer, "postgres restart behind pgbouncer")
     # PgBouncer keeps our connections through the restart: its errors (server conn crashed,
     # cannot connect to server) are what the retries had to handle.
     assert stats["retry.transaction"] > 0
-    engine.dispose()
 
 
 def test_pgbouncer_restart_exactly_once(pg: PostgresCluster, bouncer: PgBouncer) -> None:
-    engine = _engine(bouncer)
-
     def restart(stop: threading.Event) -> None:
         stop.wait(1.5)
         bouncer.restart(down_for=1.0)  # every client connection dropped, then refused for 1 s
 
-    ledger = ledger_workload(engine, restart, threads=THREADS, duration=DURATION)
-    check_exactly_once(pg, ledger, label="pgbouncer restart", minimum=100)
-    stats = get_stats(engine)
-    print(stats)
+    stats = _exactly_once_under(restart, pg, bouncer, "pgbouncer restart")
     # The restart really hit: connects were refused, and transactions in flight were cut
     # (absorbed by first-statement replay or by retrying the transaction).
     assert stats["retry.connect"] > 0
     assert stats.get("replay.statement", 0) + stats.get("retry.transaction", 0) > 0
-    engine.dispose()
 
 
 def test_pgbouncer_kill_and_resume_exactly_once(pg: PostgresCluster, bouncer: PgBouncer) -> None:
-    engine = _engine(bouncer)
-
     def kill(stop: threading.Event) -> None:
         while not stop.wait(0.5):
             # Drops every client and server connection of the database at once.
             bouncer.admin("KILL postgres")
             bouncer.admin("RESUME postgres")
 
-    ledger = ledger_workload(engine, kill, threads=THREADS, duration=DURATION)
-    check_exactly_once(pg, ledger, label="pgbouncer KILL every 0.5 s", minimum=100)
-    stats = get_stats(engine)
-    print(stats)
+    stats = _exactly_once_under(kill, pg, bouncer, "pgbouncer KILL every 0.5 s")
     assert stats["retry.transaction"] > 0
-    engine.dispose()
 
 
 def test_idle_connections_survive_a_postgres_restart_behind_pgbouncer(

@@ -18,7 +18,12 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from dbresilience.testing._cluster import PostgresCluster, _ensure_system_user, free_port
+from dbresilience.testing._cluster import (
+    _SYSTEM_USER,
+    PostgresCluster,
+    _ensure_system_user,
+    free_port,
+)
 
 __all__ = ["PgBouncer", "find_pgbouncer"]
 
@@ -59,7 +64,7 @@ class PgBouncer:
         self.logfile = self._tmp / "pgbouncer.log"
         self._ini = self._tmp / "pgbouncer.ini"
         self._proc: subprocess.Popen[bytes] | None = None
-        self._user = _ensure_system_user("dbresilience_pg") if os.geteuid() == 0 else None
+        self._user = _ensure_system_user(_SYSTEM_USER) if os.geteuid() == 0 else None
         (self._tmp / "userlist.txt").write_text('"postgres" ""\n')
         conf = {
             "listen_addr": self.host,
