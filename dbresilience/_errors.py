@@ -19,12 +19,15 @@ working. The driver's exception stays available as ``.orig`` and ``__cause__``::
 A raised instance is of a class combining one of these with a SQLAlchemy class, for example
 ``DisconnectError`` + :class:`sqlalchemy.exc.OperationalError`; see :func:`wrap`.
 Errors of kind ``application`` (constraint violations, syntax...) are never wrapped.
+
+Every error pickles (multiprocessing, task queues) and unpickles to the very same class, with
+its ``.orig``, ``classification``, ``retry_after`` and other attributes.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from sqlalchemy import exc as sa_exc
 
@@ -67,6 +70,28 @@ class ResilienceError(Exception):
     def sqlstate(self) -> str | None:
         """SQLSTATE of the underlying server error, if any."""
         return self.classification.sqlstate
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        # The combined classes are made at run time: pickle, looking one up by its name, would
+        # find the mixin. Rebuild it through error_class_for() instead, then every attribute.
+        if not isinstance(self, sa_exc.DBAPIError):
+            return super().__reduce__()  # a bare mixin instance: an importable class
+        _, args, _ = cast("tuple[Any, ...]", sa_exc.DBAPIError.__reduce__(self))
+        state = dict(self.__dict__)
+        cls = type(self)
+        ours = next((c for c in cls.__mro__ if c in _OURS), None)
+        theirs = next(
+            (
+                c
+                for c in cls.__mro__
+                if issubclass(c, sa_exc.DBAPIError) and not issubclass(c, ResilienceError)
+            ),
+            None,
+        )
+        if ours is None or theirs is None or _combined.get((ours, theirs)) is not cls:
+            return cls, args, state  # not made by error_class_for(): importable by name
+        chained = self.__cause__ is not None and self.__cause__ is self.orig
+        return _rebuild, (ours, theirs, args, state, chained)
 
 
 class DisconnectError(ResilienceError):
@@ -132,6 +157,9 @@ _BY_KIND: dict[ErrorKind, type[ResilienceError]] = {
 }
 
 
+# The classes error_class_for() combines with SQLAlchemy's.
+_OURS = frozenset((*_BY_KIND.values(), CircuitOpen))
+
 _combined: dict[tuple[type[ResilienceError], type[sa_exc.DBAPIError]], type[Any]] = {}
 _combined_lock = threading.Lock()
 
@@ -150,6 +178,21 @@ def error_class_for(ours: type[ResilienceError], theirs: type[sa_exc.DBAPIError]
                 )
                 _combined[key] = cls
     return cls
+
+
+def _rebuild(
+    ours: type[ResilienceError],
+    theirs: type[sa_exc.DBAPIError],
+    args: tuple[Any, ...],
+    state: dict[str, Any],
+    chained: bool,
+) -> sa_exc.DBAPIError:
+    """Unpickle one of our errors: ``args`` are :class:`~sqlalchemy.exc.DBAPIError`'s."""
+    error: sa_exc.DBAPIError = error_class_for(ours, theirs)(*args)
+    error.__dict__.update(state)
+    if chained:
+        error.__cause__ = error.orig  # as raised: ``raise ... from orig``
+    return error
 
 
 def wrap(
@@ -247,4 +290,13 @@ def error_from(
 class _Reason(Exception):
     """Stands in as ``.orig`` for errors dbresilience raises without a driver error."""
 
-    __module__ = "dbresilience"
+    __module__ = "dbresilience"  # in the error's message: "(dbresilience._Reason) ..."
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Not importable by that name: unpickle through this module.
+        return _reason, self.args, self.__dict__
+
+
+def _reason(*args: Any) -> _Reason:
+    """Unpickle a :class:`_Reason`."""
+    return _Reason(*args)
