@@ -7,7 +7,10 @@ and the message texts of libpq, asyncpg and PgBouncer. The taxonomy (kind: retry
 - ``disconnect`` (retryable): 08000/08003/08006, 57P01/57P02/57P05, 25P03, connection reset,
   broken pipe, SSL EOF, "server closed the connection unexpectedly".
 - ``unavailable`` (retryable): connection refused, 08001/08004, 57P03 (starting up, in
-  recovery), 25006 (read-only: we are talking to a standby), PgBouncer cannot connect.
+  recovery), PgBouncer cannot connect. 25006 (read-only transaction) is an application error
+  here: a read-only role or ``SET TRANSACTION READ ONLY`` on a primary; the engine upgrades it
+  to ``unavailable`` only when the connection's server was in recovery (a standby, a demoted
+  primary), which it records when connecting.
 - ``transaction-conflict`` (retryable): 40001, 40P01, 55P03 (lock not available), 55006.
 - ``resource-exhausted`` (retryable): 53xxx (53300 too many connections), 58000/58030,
   PgBouncer ``query_wait_timeout`` / ``no more connections allowed``.
@@ -30,7 +33,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-__all__ = ["Classification", "ErrorKind", "classify"]
+__all__ = ["Classification", "ErrorKind", "classify", "from_database"]
 
 
 class ErrorKind(str, enum.Enum):
@@ -100,7 +103,6 @@ _SQLSTATE_EXACT: dict[str, ErrorKind] = {
     "57P04": ErrorKind.PERMANENT,
     "57P05": ErrorKind.DISCONNECT,
     "57014": ErrorKind.TIMEOUT,
-    "25006": ErrorKind.UNAVAILABLE,  # read-only: this server is (now) a standby
     "25P03": ErrorKind.DISCONNECT,
     "58000": ErrorKind.RESOURCE_EXHAUSTED,
     "58030": ErrorKind.RESOURCE_EXHAUSTED,
@@ -241,6 +243,22 @@ def _chain(exc: BaseException) -> list[BaseException]:
             # was raised (a retry's previous failure), not what caused it.
             current = current.__cause__
     return seen
+
+
+# Top-level packages whose exceptions come from the database side of a call.
+_DATABASE_PACKAGES = frozenset({"psycopg", "asyncpg", "sqlalchemy", "dbresilience"})
+
+
+def from_database(exc: BaseException) -> bool:
+    """True when ``exc`` was raised by the driver, SQLAlchemy or dbresilience, or is chained
+    (``raise ... from``, ``.orig``) from such an exception.
+
+    Retry loops ask this first: an application's own ``TimeoutError`` (an HTTP call) or
+    ``ConnectionRefusedError`` (Redis) says nothing about the database and is never retried.
+    """
+    return any(
+        type(e).__module__.partition(".")[0] in _DATABASE_PACKAGES for e in _chain(exc)
+    )
 
 
 def classify(exc: BaseException) -> Classification:

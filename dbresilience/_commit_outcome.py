@@ -10,6 +10,12 @@ dies while COMMIT is in flight, a new connection asks ``pg_xact_status(xid)``:
 - anything else, or a server that is not provably the one that assigned the xid:
   :class:`CommitOutcomeUnknown`.
 
+The whole resolution is bounded by :attr:`Policy.commit_check_timeout`: one checking
+connection, made outside the pool and outside the circuit breaker (an open breaker must not
+turn a lost COMMIT into an unknown outcome), asks every poll; each query is bounded by what is
+left of the budget, the connection is replaced only when it fails, and it is closed whatever
+happens, cancellation included.
+
 Transaction ids are not unique across a failover (a promoted standby reuses xids the old
 primary handed out but never streamed), so each connection's server identity - its
 ``system_identifier`` and current timeline - is recorded when it connects, and the answer is
@@ -23,18 +29,18 @@ import contextvars
 import enum
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from dbresilience._classification import classify
+from dbresilience._classification import ErrorKind, classify
+from dbresilience._observability import Stats
 
-if TYPE_CHECKING:
-    from dbresilience._engine_hooks import EngineResilience
+__all__ = ["IN_RECOVERY_KEY", "CommitOutcome", "CommitResolver", "connect_budget"]
 
-__all__ = ["CommitOutcome", "CommitResolver", "connect_budget"]
-
-_IDENTITY_SQL = (
-    "select system_identifier::text, pg_walfile_name(pg_current_wal_lsn()) "
-    "from pg_control_system()"
+# One query per new connection: is the server a standby, and which server is it? (On a
+# standby there is no current WAL position: no identity, and commits there cannot be checked.)
+_FACTS_SQL = (
+    "select pg_is_in_recovery(), system_identifier::text, case when pg_is_in_recovery() "
+    "then null else pg_walfile_name(pg_current_wal_lsn()) end from pg_control_system()"
 )
 _XID_SQL = "select pg_current_xact_id_if_assigned()::text"
 # The xid is inlined (digits only, checked) so that the SQL is the same whatever the driver's
@@ -42,8 +48,11 @@ _XID_SQL = "select pg_current_xact_id_if_assigned()::text"
 _STATUS_SQL = "select pg_xact_status('{}'::xid8)"
 _VERDICT_ATTR = "_dbresilience_commit_verdict"
 _IDENTITY_KEY = "dbresilience_server_identity"
+#: Connection ``info`` key: True when the server was in recovery (a standby) at connect.
+IN_RECOVERY_KEY = "dbresilience_in_recovery"
 
 #: Seconds a connect may take in the current context (None: the policy's connect_deadline).
+#: Set while a commit check connects; such connects also bypass the circuit breaker.
 connect_budget: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "dbresilience_connect_budget", default=None
 )
@@ -58,6 +67,21 @@ class CommitOutcome(str, enum.Enum):
     UNKNOWN = "unknown"
 
 
+class Checker(Protocol):
+    """What the resolver needs of its engine (no more: no import cycle with the hooks)."""
+
+    policy: Any
+    stats: Stats
+
+    def arm(self, dbapi_conn: Any, seconds: float | None = None) -> Any: ...
+
+    def disarm(self, armed: Any) -> bool: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+    def abort(self, dbapi_conn: Any) -> None: ...
+
+
 def verdict_of(exc: BaseException) -> CommitOutcome | None:
     """The resolution verdict attached to a failed COMMIT's exception, if any."""
     orig = getattr(exc, "orig", None)
@@ -65,33 +89,43 @@ def verdict_of(exc: BaseException) -> CommitOutcome | None:
     return found if isinstance(found, CommitOutcome) else None
 
 
-def _one(dbapi_conn: Any, sql: str) -> Any:
+def _row(dbapi_conn: Any, sql: str) -> Any:
     cursor = dbapi_conn.cursor()
     try:
         cursor.execute(sql)
-        row = cursor.fetchone()
+        return cursor.fetchone()
     finally:
         with contextlib.suppress(Exception):
             cursor.close()
+
+
+def _one(dbapi_conn: Any, sql: str) -> Any:
+    row = _row(dbapi_conn, sql)
     return None if row is None else row[0]
 
 
-def _identity(dbapi_conn: Any) -> tuple[str, int]:
-    cursor = dbapi_conn.cursor()
-    try:
-        cursor.execute(_IDENTITY_SQL)
-        sysid, walfile = cursor.fetchone()
-    finally:
-        with contextlib.suppress(Exception):
-            cursor.close()
-    return str(sysid), int(str(walfile)[:8], 16)  # WAL file names start with the timeline
+def _facts(dbapi_conn: Any) -> tuple[bool, tuple[str, int] | None]:
+    """(in recovery, identity: system identifier and current timeline, or None)."""
+    in_recovery, sysid, walfile = _row(dbapi_conn, _FACTS_SQL)
+    if walfile is None:
+        return bool(in_recovery), None
+    return bool(in_recovery), (str(sysid), int(str(walfile)[:8], 16))  # file name: timeline
+
+
+class _NotSameServer(Exception):
+    """The server answering is not (provably) the one that assigned the xid."""
 
 
 class CommitResolver:
-    """Per-engine commit verification, used by the engine's ``do_commit`` wrapper."""
+    """Per-engine commit verification, used by the engine's ``do_commit`` wrapper.
 
-    def __init__(self, state: EngineResilience, creator: Callable[[], Any]) -> None:
-        self._state = state
+    :param owner: the engine's state (:class:`Checker`).
+    :param creator: makes a new DBAPI connection outside the pool (the pool's creator: same
+        connect parameters, retries within :data:`connect_budget`).
+    """
+
+    def __init__(self, owner: Checker, creator: Callable[[], Any]) -> None:
+        self._owner = owner
         self._creator = creator
 
     def commit(self, dbapi_conn: Any, do_commit: Callable[[Any], None]) -> None:
@@ -112,11 +146,10 @@ class CommitResolver:
         except Exception as exc:
             if not classify(exc).connection_unusable:
                 raise
-            outcome = self._resolve(xid, identity)
             with contextlib.suppress(Exception):
                 raw.close()  # dead anyway; the pool replaces it at the next checkout
-            stats = self._state.stats
-            stats.incr(f"commit.{outcome.value}")
+            outcome = self._resolve(xid, identity)
+            self._owner.stats.incr(f"commit.{outcome.value}")
             if outcome in (CommitOutcome.COMMITTED, CommitOutcome.NOTHING_TO_COMMIT):
                 return  # the transaction's work is durable (or there was none)
             with contextlib.suppress(AttributeError):
@@ -124,15 +157,12 @@ class CommitResolver:
             raise
 
     def on_connect(self, dbapi_conn: Any, record: Any) -> None:
-        """Pool ``connect`` listener: record the server identity, outside any app transaction.
-
-        One query per new connection (not per commit). On a standby (no current WAL position)
-        the identity is None and commits made there cannot be verified.
-        """
-        identity: tuple[str, int] | None = None
+        """Pool ``connect`` listener: record whether the server is in recovery and its
+        identity, outside any app transaction. One query per new connection."""
+        facts: tuple[bool, tuple[str, int] | None] | None = None
         try:
             try:
-                identity = _identity(dbapi_conn)
+                facts = _facts(dbapi_conn)
             except Exception as exc:
                 if classify(exc).connection_unusable:
                     raise
@@ -141,61 +171,92 @@ class CommitResolver:
         except BaseException:
             # Failed or cancelled: SQLAlchemy drops the new record without closing the connection.
             with contextlib.suppress(Exception):
-                self._state.driver.abort(dbapi_conn)
+                self._owner.abort(dbapi_conn)
             raise
-        record.info[_IDENTITY_KEY] = identity
+        if facts is not None:
+            record.info[IN_RECOVERY_KEY], record.info[_IDENTITY_KEY] = facts
 
     def _resolve(self, xid: str | None, identity: tuple[str, int] | None) -> CommitOutcome:
         if xid is None:
             return CommitOutcome.NOTHING_TO_COMMIT
         if identity is None or not xid.isdigit():  # xid8::text is digits; checked, as inlined
             return CommitOutcome.UNKNOWN
-        policy = self._state.policy
-        deadline = time.monotonic() + policy.commit_check_timeout
+        owner = self._owner
+        deadline = time.monotonic() + owner.policy.commit_check_timeout
+        conn: Any = None
         wait = 0.02
         attempt = 0
-        while True:
-            attempt += 1
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return CommitOutcome.UNKNOWN
-            status: str | None = None
-            try:
-                status = self._ask(xid, identity, remaining)
-            except _NotSameServer:
-                return CommitOutcome.UNKNOWN
-            except Exception as exc:
-                found = classify(exc)
-                if not found.retryable:
+        try:
+            while True:
+                attempt += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     return CommitOutcome.UNKNOWN
-                status = "unreachable"
-                self._state.stats.retry("commit-check", attempt, wait, found)
-            if status == "committed":
-                return CommitOutcome.COMMITTED
-            if status == "aborted":
-                return CommitOutcome.ABORTED
-            if status not in ("in progress", "unreachable"):
-                return CommitOutcome.UNKNOWN  # NULL: too old to know
-            self._state.sleep(min(wait, max(0.0, deadline - time.monotonic())))
-            wait = min(wait * 2, 0.5)
+                try:
+                    if conn is None:
+                        conn = self._connect(remaining)
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            return CommitOutcome.UNKNOWN
+                        self._query(conn, remaining, _same_server, identity)
+                    status = self._query(conn, deadline - time.monotonic(), _status, xid)
+                except _NotSameServer:
+                    return CommitOutcome.UNKNOWN
+                except Exception as exc:
+                    found = classify(exc)
+                    if found.kind is ErrorKind.PERMANENT:  # e.g. the database was dropped
+                        return CommitOutcome.UNKNOWN
+                    owner.stats.retry("commit-check", attempt, wait, found)
+                    if conn is not None:  # this connection failed: the next poll makes one
+                        owner.abort(conn)
+                        conn = None
+                    status = "unreachable"
+                if status == "committed":
+                    return CommitOutcome.COMMITTED
+                if status == "aborted":
+                    return CommitOutcome.ABORTED
+                if status not in ("in progress", "unreachable"):
+                    return CommitOutcome.UNKNOWN  # NULL: too old to know
+                owner.stats.incr("commit-check.polls")
+                owner.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+                wait = min(wait * 2, 0.5)
+        finally:
+            if conn is not None:  # whatever happened, cancellation included
+                with contextlib.suppress(Exception):
+                    owner.abort(conn)
 
-    def _ask(self, xid: str, identity: tuple[str, int], budget: float) -> str | None:
+    def _connect(self, budget: float) -> Any:
         token = connect_budget.set(budget)
         try:
             conn = self._creator()
         finally:
             connect_budget.reset(token)
-        key = self._state.arm(conn)  # a silent network must not hang the check
+        self._owner.stats.incr("commit-check.connections")
+        return conn
+
+    def _query(
+        self, conn: Any, budget: float, run: Callable[[Any, Any], str | None], arg: Any
+    ) -> str | None:
+        """``run(conn, arg)`` bounded by the watchdog to ``budget`` seconds."""
+        if budget <= 0:
+            raise TimeoutError("commit_check_timeout spent")
+        key = self._owner.arm(conn, budget)
         try:
-            if _identity(conn) != identity:
-                raise _NotSameServer
-            status = _one(conn, _STATUS_SQL.format(xid))
-            return None if status is None else str(status)
+            return run(conn, arg)
         finally:
-            self._state.disarm(key)
-            with contextlib.suppress(Exception):
-                conn.close()
+            self._owner.disarm(key)
 
 
-class _NotSameServer(Exception):
-    """The server answering is not (provably) the one that assigned the xid."""
+def _same_server(conn: Any, identity: tuple[str, int]) -> None:
+    _, found = _facts(conn)
+    if found != identity:
+        raise _NotSameServer
+    with contextlib.suppress(Exception):
+        conn.rollback()
+
+
+def _status(conn: Any, xid: str) -> str | None:
+    status = _one(conn, _STATUS_SQL.format(xid))
+    with contextlib.suppress(Exception):
+        conn.rollback()  # no transaction left open between polls
+    return None if status is None else str(status)

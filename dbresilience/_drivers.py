@@ -8,14 +8,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import math
 import select
 import socket
+import struct
+import time
+from collections.abc import Callable
 from typing import Any
 
 from dbresilience._classification import Classification, ErrorKind
 from dbresilience._errors import ConfigurationError
 
-__all__ = ["SUPPORTED", "Driver", "Position", "driver_for"]
+__all__ = ["SUPPORTED", "Driver", "Position", "driver_for", "tune_socket"]
 
 SUPPORTED = ("psycopg", "asyncpg")
 
@@ -36,8 +40,11 @@ class Driver:
 
     name = "?"
 
-    def apply_network_defaults(self, cparams: dict[str, Any], policy: Any) -> None:
-        """Fill in connect parameters that bound waits, unless the user set them."""
+    def apply_network_defaults(
+        self, cparams: dict[str, Any], policy: Any, *, budget: float | None = None
+    ) -> None:
+        """Fill in connect parameters that bound waits, unless the user set them; with a
+        ``budget`` (seconds, a commit check's), the connect timeout never exceeds it."""
 
     def configure(self, dbapi_conn: Any, policy: Any) -> None:
         """Tune a connection the driver just opened (before the pool sees it)."""
@@ -53,6 +60,15 @@ class Driver:
     def fileno(self, dbapi_conn: Any) -> int:
         """The socket's descriptor, for the watchdog (drivers without a timeout of their own)."""
         raise NotImplementedError
+
+    def canceller(self, dbapi_conn: Any, timeout: float) -> Callable[[], None] | None:
+        """A function that asks the server to cancel what ``dbapi_conn`` is running.
+
+        Built without I/O (it may be called while another thread is blocked on the
+        connection); the returned function does the I/O, blocks at most ``timeout`` seconds
+        and raises nothing. ``None`` when the connection cannot be cancelled.
+        """
+        return None
 
     #: Whether blocking calls need :mod:`dbresilience._watchdog` (no client timeout in driver).
     needs_watchdog = False
@@ -79,7 +95,9 @@ def _readable(fd: int) -> bool:
 class _Psycopg(Driver):
     name = "psycopg"
 
-    def apply_network_defaults(self, cparams: dict[str, Any], policy: Any) -> None:
+    def apply_network_defaults(
+        self, cparams: dict[str, Any], policy: Any, *, budget: float | None = None
+    ) -> None:
         defaults = {
             "connect_timeout": int(policy.connect_timeout),
             "keepalives": 1,
@@ -90,6 +108,10 @@ class _Psycopg(Driver):
         }
         for key, value in defaults.items():
             cparams.setdefault(key, value)
+        if budget is not None:  # libpq's connect_timeout: whole seconds, 2 at least
+            limit = max(2, math.ceil(budget))
+            with contextlib.suppress(TypeError, ValueError):
+                cparams["connect_timeout"] = min(int(cparams["connect_timeout"]), limit)
 
     @staticmethod
     def _pgconn(dbapi_conn: Any) -> Any:
@@ -102,6 +124,16 @@ class _Psycopg(Driver):
 
     def fileno(self, dbapi_conn: Any) -> int:
         return int(self._pgconn(dbapi_conn).socket)
+
+    def canceller(self, dbapi_conn: Any, timeout: float) -> Callable[[], None] | None:
+        from psycopg import capabilities
+
+        pgconn = self._pgconn(dbapi_conn)
+        if capabilities.has_cancel_safe():  # libpq 17+: a cancel connection we can bound
+            cancel_conn = pgconn.cancel_conn()
+            return lambda: _psycopg_cancel(cancel_conn, timeout)
+        legacy = pgconn.get_cancel()  # PQcancel: bounded only by the kernel's connect timeout
+        return lambda: _quietly(legacy.cancel)
 
     def closed(self, dbapi_conn: Any) -> bool:
         return bool(self._pgconn(dbapi_conn).status != 0)  # CONNECTION_OK == 0
@@ -141,8 +173,13 @@ class _Asyncpg(Driver):
     # that arms an event-loop timer per protocol message, 7-8 % of a checkout + select 1 here.
     needs_watchdog = True
 
-    def apply_network_defaults(self, cparams: dict[str, Any], policy: Any) -> None:
+    def apply_network_defaults(
+        self, cparams: dict[str, Any], policy: Any, *, budget: float | None = None
+    ) -> None:
         cparams.setdefault("timeout", float(policy.connect_timeout))
+        if budget is not None:
+            with contextlib.suppress(TypeError, ValueError):
+                cparams["timeout"] = max(0.1, min(float(cparams["timeout"]), budget))
 
     def fileno(self, dbapi_conn: Any) -> int:
         sock = _socket_of(dbapi_conn)
@@ -150,23 +187,21 @@ class _Asyncpg(Driver):
             raise ConnectionError("connection is closed")
         return int(sock.fileno())
 
+    def canceller(self, dbapi_conn: Any, timeout: float) -> Callable[[], None] | None:
+        connection = dbapi_conn._connection
+        protocol = connection._protocol
+        pid, secret, addr = protocol.backend_pid, protocol.backend_secret, connection._addr
+        if not isinstance(pid, int) or not isinstance(secret, int):
+            return None
+        # asyncpg's own Connection.cancel() needs the event loop; this runs on the watchdog's
+        # thread, so send the protocol's CancelRequest message ourselves (plain TCP or Unix).
+        message = struct.pack("!iiii", 16, 80877102, pid, secret)
+        return lambda: _send_cancel_request(addr, message, timeout)
+
     def configure(self, dbapi_conn: Any, policy: Any) -> None:
         sock = _socket_of(dbapi_conn)
-        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return  # Unix-domain socket: no TCP to tune
-        tcp = socket.IPPROTO_TCP
-        options = (
-            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-            (tcp, getattr(socket, "TCP_KEEPIDLE", None), policy.keepalives_idle),
-            (tcp, getattr(socket, "TCP_KEEPINTVL", None), policy.keepalives_interval),
-            (tcp, getattr(socket, "TCP_KEEPCNT", None), policy.keepalives_count),
-            # Linux only; milliseconds
-            (tcp, getattr(socket, "TCP_USER_TIMEOUT", None), policy.tcp_user_timeout * 1000),
-        )
-        for level, option, value in options:
-            if option is not None:
-                with contextlib.suppress(OSError):  # an option this kernel lacks
-                    sock.setsockopt(level, option, max(1, int(value)))
+        if sock is not None:
+            tune_socket(sock, policy)
 
     def refine(self, exc: BaseException, found: Classification) -> Classification:
         # A bare TimeoutError out of a statement is asyncpg's command_timeout, when the app set
@@ -204,6 +239,71 @@ class _Asyncpg(Driver):
 
     def abort(self, dbapi_conn: Any) -> None:
         dbapi_conn._connection.terminate()
+
+
+def tune_socket(sock: Any, policy: Any) -> None:
+    """Keepalives and ``TCP_USER_TIMEOUT`` from ``policy`` on a connected TCP socket."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # Unix-domain socket: no TCP to tune
+    tcp = socket.IPPROTO_TCP
+    options = (
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (tcp, getattr(socket, "TCP_KEEPIDLE", None), policy.keepalives_idle),
+        (tcp, getattr(socket, "TCP_KEEPINTVL", None), policy.keepalives_interval),
+        (tcp, getattr(socket, "TCP_KEEPCNT", None), policy.keepalives_count),
+        # Linux only; milliseconds
+        (tcp, getattr(socket, "TCP_USER_TIMEOUT", None), policy.tcp_user_timeout * 1000),
+    )
+    for level, option, value in options:
+        if option is not None:
+            with contextlib.suppress(OSError):  # an option this kernel lacks
+                sock.setsockopt(level, option, max(1, int(value)))
+
+
+def _quietly(fn: Callable[[], object]) -> None:
+    with contextlib.suppress(Exception):
+        fn()
+
+
+def _psycopg_cancel(cancel_conn: Any, timeout: float) -> None:
+    """Drive a libpq cancel connection (``PQcancelCreate``) to its end, within ``timeout``."""
+    from psycopg import pq
+
+    deadline = time.monotonic() + timeout
+    try:
+        cancel_conn.start()
+        while True:
+            status = cancel_conn.poll()
+            remaining = deadline - time.monotonic()
+            if status not in (pq.PollingStatus.READING, pq.PollingStatus.WRITING) or remaining <= 0:
+                return  # OK, FAILED, or out of time
+            fd = cancel_conn.socket
+            if status == pq.PollingStatus.READING:
+                select.select([fd], [], [], remaining)
+            else:
+                select.select([], [fd], [], remaining)
+    except Exception:
+        return
+    finally:
+        with contextlib.suppress(Exception):
+            cancel_conn.finish()
+
+
+def _send_cancel_request(addr: Any, message: bytes, timeout: float) -> None:
+    """Send a CancelRequest to ``addr`` ((host, port) or a Unix socket path) within ``timeout``."""
+    try:
+        if isinstance(addr, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(addr)
+        else:
+            sock = socket.create_connection(tuple(addr)[:2], timeout=timeout)
+        with sock:
+            sock.sendall(message)
+            with contextlib.suppress(OSError):
+                sock.recv(1)  # the server closes the connection once it has read the request
+    except OSError:
+        return
 
 
 def _socket_of(dbapi_conn: Any) -> Any:

@@ -3,15 +3,22 @@
 :func:`install` hooks, on one engine only:
 
 * ``do_connect`` (event) - network defaults (timeouts, keepalives; for asyncpg set on the
-  socket) and connect retries with backoff through tenacity, bounded by
-  :attr:`Policy.connect_deadline`;
+  socket). It returns nothing, so the application's own ``do_connect`` listeners (token
+  rotation) still run, and run again on every attempt;
+* the pool's creator (wrapped) - connect retries with backoff through tenacity, bounded by
+  :attr:`Policy.connect_deadline`, behind the circuit breaker; engines made with
+  ``creator=`` / ``async_creator=`` get the same (their sockets are tuned after connecting);
 * ``handle_error`` (event) - classification, invalidation and re-raising as dbresilience
   errors (also the bare ``OSError``/``TimeoutError`` asyncpg lets escape SQLAlchemy unwrapped);
 * the pool's ``_do_get`` (wrapped) - cheap stale-connection detection on every connection the
-  pool hands out (no ping per checkout);
+  pool hands out (no ping per checkout; a socket check on every checkout when the app has
+  ``checkout`` listeners, which would otherwise meet a dead connection first);
 * the dialect's ``do_execute``/``do_executemany``/``do_execute_no_params`` (wrapped) - the
   watchdog bound on every statement, and replay of the first statement of a transaction that
-  failed only because the connection was already dead;
+  failed only because the connection was already dead (on the new connection the pool's
+  ``checkout`` listeners run first). A statement cut off by the bound is never replayed: it
+  may still be running; the server is asked to cancel it and the caller gets
+  :class:`StatementTimeout`;
 * the dialect's ``do_commit`` (wrapped) - a connection lost during COMMIT is reported as
   :class:`CommitOutcomeUnknown`, never as a plain disconnect - and ``do_rollback`` (wrapped) -
   a rollback on a dead connection is moot: the server already discarded the transaction.
@@ -28,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
 import traceback
 import weakref
@@ -45,8 +54,14 @@ from sqlalchemy.util import await_only
 
 from dbresilience._circuit_breaker import CircuitBreaker
 from dbresilience._classification import Classification, ErrorKind, classify
-from dbresilience._commit_outcome import CommitOutcome, CommitResolver, connect_budget, verdict_of
-from dbresilience._drivers import Driver, Position, driver_for
+from dbresilience._commit_outcome import (
+    IN_RECOVERY_KEY,
+    CommitOutcome,
+    CommitResolver,
+    connect_budget,
+    verdict_of,
+)
+from dbresilience._drivers import Driver, Position, driver_for, tune_socket
 from dbresilience._errors import CircuitOpen, ConfigurationError, error_from, make_error, wrap
 from dbresilience._observability import Stats, logger
 from dbresilience._policy import Policy
@@ -61,6 +76,7 @@ __all__ = ["EngineResilience", "get_stats", "install", "resilience_of"]
 
 _LAST_USED = "dbresilience_last_used"
 _DURING_COMMIT = "_dbresilience_during_commit"
+_CUT_OFF = "_dbresilience_cut_off"  # on a driver error: the Position of a statement cut off
 IDEMPOTENT_OPTION = "dbresilience_idempotent"
 
 _IN_TRANSACTION = Position.IN_TRANSACTION  # module globals: read on every statement
@@ -69,7 +85,9 @@ _AUTOCOMMIT = Position.AUTOCOMMIT
 
 _monotonic = time.monotonic
 
-_installed: weakref.WeakKeyDictionary[Engine, EngineResilience] = weakref.WeakKeyDictionary()
+# Keyed by dialect: engine.execution_options(...) makes engines that share it (and the pool).
+_installed: weakref.WeakKeyDictionary[Dialect, EngineResilience] = weakref.WeakKeyDictionary()
+_states: weakref.WeakSet[EngineResilience] = weakref.WeakSet()
 
 _CONNECT_RETRY_KINDS = frozenset(
     {ErrorKind.UNAVAILABLE, ErrorKind.RESOURCE_EXHAUSTED, ErrorKind.DISCONNECT}
@@ -90,6 +108,18 @@ def during_commit(exc: BaseException) -> bool:
     return bool(getattr(exc, _DURING_COMMIT, False) or getattr(orig, _DURING_COMMIT, False))
 
 
+def _after_fork_in_child() -> None:
+    # Locks held by a thread of the parent at fork() would never be released in the child.
+    for state in list(_states):
+        state.stats.reset_lock()
+        if state.breaker is not None:
+            state.breaker.reset_lock()
+        state.cut.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class EngineResilience:
     """Per-engine state and listeners. One instance per resilient engine."""
 
@@ -105,7 +135,8 @@ class EngineResilience:
             self.breaker = CircuitBreaker(
                 failures=policy.breaker_failures,
                 min_duration=policy.breaker_min_duration,
-                cooldown=policy.breaker_cooldown,
+                probe_wait_initial=policy.connect_wait_initial,
+                probe_wait_max=policy.connect_wait_max,
             )
         self.replay = policy.replay_first_statement
         self.window = policy.liveness_window
@@ -113,39 +144,65 @@ class EngineResilience:
         # Seconds the watchdog gives each blocking driver call (0: not needed / turned off).
         self.call_bound = policy.command_timeout if self.driver.needs_watchdog else 0.0
         self._armed = watchdog.armed
+        # Calls the watchdog cut off -> when (monotonic s); popped by the statement guard.
+        self.cut: dict[Any, float] = {}
+        self._do_connect_runs = 0  # how often on_do_connect ran (creator= bypasses it)
+        self._warned_creator = False
         if self.call_bound:
             watchdog.start()
+        _states.add(self)
 
     # -- bounded calls -------------------------------------------------------------------------
 
-    def arm(self, dbapi_conn: Any) -> Any:
-        """Start the watchdog on a blocking call on ``dbapi_conn``; pass the result to
-        :meth:`disarm` in a ``finally``."""
-        if not self.call_bound:
+    def arm(self, dbapi_conn: Any, seconds: float | None = None) -> Any:
+        """Start the watchdog on a blocking call on ``dbapi_conn`` (for ``seconds``, default
+        ``command_timeout``); pass the result to :meth:`disarm` in a ``finally``."""
+        bound = self.call_bound if seconds is None else seconds
+        if not bound:
             return None
         raw = getattr(dbapi_conn, "dbapi_connection", dbapi_conn)  # unwrap the pool proxy
-        watchdog.arm(self.call_bound, raw, self)
+        watchdog.arm(bound, raw, self)
         return raw
 
-    @staticmethod
-    def disarm(armed: Any) -> None:
-        if armed is not None:
-            watchdog.disarm(armed)
+    def disarm(self, armed: Any) -> bool:
+        """Stop watching the call :meth:`arm` armed; True when the watchdog had cut it off."""
+        if armed is None:
+            return False
+        watchdog.disarm(armed)
+        return bool(self.cut) and self.cut.pop(armed, None) is not None
 
     def fileno(self, connection: Any) -> int:
         """The socket of one of this engine's DBAPI connections, or of the pool's proxy of
         one (for the watchdog)."""
         return self.driver.fileno(getattr(connection, "dbapi_connection", connection))
 
+    def cutting(self, connection: Any) -> Callable[[], None] | None:
+        """The watchdog is about to cut the call on ``connection`` off: remember it, so that
+        the statement is reported as cut (never replayed), and return its cancel request."""
+        now = _monotonic()
+        cut = self.cut
+        if len(cut) > 64:  # marks of calls that returned anyway
+            for key, when in list(cut.items()):
+                if now - when > 60.0:
+                    cut.pop(key, None)
+        cut[connection] = now
+        self.stats.incr("watchdog.fired")  # before the caller wakes up and looks
+        raw = getattr(connection, "dbapi_connection", connection)
+        return self.driver.canceller(raw, timeout=min(self.policy.connect_timeout, 5.0))
+
     def overran(self) -> None:
-        """The watchdog shut a connection down: count and log it."""
-        self.stats.incr("watchdog.fired")
+        """The watchdog shut a connection down: log it."""
         logger.warning(
-            "no answer from the server within command_timeout=%.1fs: connection shut down, "
-            "engine=%s",
+            "no answer from the server within command_timeout=%.1fs: connection shut down and "
+            "a cancel request sent, engine=%s",
             self.call_bound,
             self.name,
         )
+
+    def abort(self, dbapi_conn: Any) -> None:
+        """Close a DBAPI connection at once, without I/O (safe in a cancelled task)."""
+        with contextlib.suppress(Exception):
+            self.driver.abort(dbapi_conn)
 
     # -- waiting ---------------------------------------------------------------------------
 
@@ -160,13 +217,37 @@ class EngineResilience:
 
     def on_do_connect(
         self, dialect: Dialect, conn_rec: ConnectionPoolEntry, cargs: Any, cparams: dict[str, Any]
+    ) -> None:
+        """``do_connect`` listener: network defaults only. Returns None, so the app's own
+        ``do_connect`` listeners run after it (and may override what it set)."""
+        self._do_connect_runs += 1
+        self.driver.apply_network_defaults(cparams, self.policy, budget=connect_budget.get())
+
+    def hook_creator(self, pool: Pool) -> None:
+        """Wrap ``pool``'s creator (SQLAlchemy's, which runs the ``do_connect`` listeners, or
+        the app's ``creator=``): every new connection goes through :meth:`connect`."""
+        if getattr(pool._creator, "_dbresilience_state", None) is self:
+            return  # pool.recreate() hands our wrapper over
+        invoke: Callable[[Any], DBAPIConnection] = pool._invoke_creator
+
+        def creator(connection_record: ConnectionPoolEntry | None = None) -> DBAPIConnection:
+            return self.connect(invoke, connection_record)
+
+        creator._dbresilience_state = self  # type: ignore[attr-defined]
+        pool._creator = creator
+
+    def connect(
+        self,
+        invoke: Callable[[Any], DBAPIConnection],
+        record: ConnectionPoolEntry | None,
     ) -> DBAPIConnection:
-        if self.breaker is not None and self.breaker.rejecting():
-            raise self._circuit_open(self.breaker)  # before building any retry machinery
-        driver = self.driver
+        """A new connection: retried with backoff within the connect deadline (or the commit
+        check's budget), through the circuit breaker (except for commit checks)."""
+        budget = connect_budget.get()  # set while a commit check connects
+        breaker = self.breaker if budget is None else None
+        if breaker is not None and breaker.rejecting():
+            raise self._circuit_open(breaker)  # before building any retry machinery
         policy = self.policy
-        driver.apply_network_defaults(cparams, policy)
-        budget = connect_budget.get()
         deadline = policy.connect_deadline
         if budget is not None:
             deadline = min(budget, deadline)
@@ -182,11 +263,12 @@ class EngineResilience:
                 retry_if=_connect_retryable,
             ),
         )
+        runs = self._do_connect_runs
         try:
-            connection: DBAPIConnection = retrying(self._connect_once, dialect, cargs, cparams)
+            connection: DBAPIConnection = retrying(self._connect_once, invoke, record, breaker)
         except Exception as exc:
-            if isinstance(exc, (dialect.loaded_dbapi.Error, CircuitOpen)):
-                raise  # SQLAlchemy wraps it and on_handle_error classifies it
+            if isinstance(exc, (sa_exc.SQLAlchemyError, self._dbapi_error)):
+                raise  # SQLAlchemy wraps driver errors and on_handle_error classifies them
             raise self._connect_error(exc) from exc
         except BaseException as exc:
             # Cancelled mid-connect: the driver's half-made connection lives in the finished
@@ -194,20 +276,50 @@ class EngineResilience:
             # clear them so it is closed now, not at the next full garbage collection.
             traceback.clear_frames(exc.__traceback__)
             raise
-        driver.configure(connection, policy)
+        if self._do_connect_runs == runs:  # made by the app's creator=, not from the URL
+            self._made_by_creator(connection)
+        self.driver.configure(connection, policy)
+        if self.call_bound:
+            watchdog.ensure_alive()
         return connection
 
+    @property
+    def _dbapi_error(self) -> type[Exception]:
+        engine = self.engine_ref()
+        dbapi = None if engine is None else engine.dialect.loaded_dbapi
+        error: type[Exception] = getattr(dbapi, "Error", Exception)
+        return error
+
+    def _made_by_creator(self, connection: Any) -> None:
+        """Tune a connection the app's ``creator=`` made: keepalives and TCP_USER_TIMEOUT on
+        its socket; a connect timeout cannot be given after the fact: say so, once."""
+        with contextlib.suppress(Exception):
+            fd = self.driver.fileno(connection)
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                tune_socket(sock, self.policy)
+        if not self._warned_creator:
+            self._warned_creator = True
+            logger.warning(
+                "engine %s connects through creator=: dbresilience retries its connects and "
+                "bounds its statements, but cannot bound a connect attempt itself: pass a "
+                "connect timeout to the driver in your creator",
+                self.name,
+            )
+
     def _connect_once(
-        self, dialect: Dialect, cargs: Any, cparams: dict[str, Any]
+        self,
+        invoke: Callable[[Any], DBAPIConnection],
+        record: ConnectionPoolEntry | None,
+        breaker: CircuitBreaker | None,
     ) -> DBAPIConnection:
-        """One connect attempt, through the circuit breaker."""
-        breaker = self.breaker
+        """One connect attempt (running the app's ``do_connect`` listeners), through the
+        circuit breaker."""
         if breaker is None:
-            return dialect.connect(*cargs, **cparams)
+            return invoke(record)
         if not breaker.allow():
             raise self._circuit_open(breaker)
         try:
-            connection: DBAPIConnection = dialect.connect(*cargs, **cparams)
+            connection: DBAPIConnection = invoke(record)
         except Exception as exc:
             self.stats.incr("connect.failed")
             if classify(exc).kind not in _CONNECTIVITY_KINDS:
@@ -256,11 +368,13 @@ class EngineResilience:
         check itself. A connection found dead is invalidated there, and SQLAlchemy's
         ``_ConnectionRecord.checkout`` reconnects it in place.
         """
+        self.hook_creator(pool)
         get = pool._do_get
         recreate = pool.recreate
         closed = self.driver.closed
         window = self.window
         vet = self._vet
+        dispatch = pool.dispatch
 
         def _do_get() -> ConnectionPoolEntry:
             record = get()
@@ -273,7 +387,9 @@ class EngineResilience:
                     now = _monotonic()
                     idle = now - info.get(_LAST_USED, now)  # since it was last checked out
                     info[_LAST_USED] = now
-                    if closed(dbapi_conn) or idle >= window:
+                    # The app's checkout listeners (SET ROLE...) would be the first to meet a
+                    # dead connection, before any statement we could replay: look every time.
+                    if closed(dbapi_conn) or idle >= window or dispatch.checkout:
                         vet(record, dbapi_conn)
             except BaseException as exc:  # cancelled mid-ping...: give the connection back
                 record._checkin_failed(exc, _fairy_was_created=False)  # type: ignore[attr-defined]
@@ -318,7 +434,13 @@ class EngineResilience:
         if ctx.is_pre_ping:
             return None
         original = ctx.original_exception
+        cut_at = getattr(original, _CUT_OFF, None)
+        if isinstance(cut_at, Position):
+            return self._cut_off_error(ctx, cut_at)
         found = classify(original)
+        if found.sqlstate == "25006" and self._in_recovery(ctx):
+            # Read-only because the server is a standby (or a demoted primary): failover.
+            found = Classification(ErrorKind.UNAVAILABLE, "25006", "read-only: server in recovery")
         if during_commit(original) and found.connection_unusable:
             if verdict_of(original) is CommitOutcome.ABORTED:
                 found = Classification(
@@ -354,6 +476,40 @@ class EngineResilience:
                 original, found, statement=ctx.statement, connection_invalidated=ctx.is_disconnect
             )
         return None
+
+    @staticmethod
+    def _in_recovery(ctx: ExceptionContext) -> bool:
+        """Was the connection's server in recovery (a standby) when it connected?"""
+        connection = ctx.connection
+        if connection is None or connection.invalidated:
+            return False
+        return bool(connection.info.get(IN_RECOVERY_KEY))
+
+    def _cut_off_error(self, ctx: ExceptionContext, position: Position) -> BaseException | None:
+        """The error for a statement the watchdog cut off: a timeout that says what is known."""
+        if position is _AUTOCOMMIT:
+            outcome = "in autocommit mode it may have completed: its outcome is unknown"
+        else:
+            outcome = "the transaction did not commit (its connection is closed)"
+        reason = (
+            f"no reply within command_timeout={self.call_bound:g}s: the statement was cut off "
+            f"and the server asked to cancel it; it was not run again, and {outcome}"
+        )
+        found = Classification(ErrorKind.TIMEOUT, None, reason)
+        ctx.is_disconnect = True
+        self.stats.incr(f"error.{found.kind.value}")
+        sa_error = ctx.sqlalchemy_exception
+        original = ctx.original_exception
+        if isinstance(sa_error, sa_exc.DBAPIError):
+            error = wrap(sa_error, found, connection_invalidated=True)
+        elif isinstance(original, Exception):
+            error = error_from(
+                original, found, statement=ctx.statement, connection_invalidated=True
+            )
+        else:
+            return None
+        error.add_detail(f"dbresilience: {reason}")
+        return error
 
     # -- statements: first-statement replay, watchdog ------------------------------------------
 
@@ -396,6 +552,7 @@ class EngineResilience:
         bound = self.call_bound
         reconnect = self._reconnect_for_replay
         replay = self._replay
+        cut = self.cut
 
         def guarded(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
             if context is None:  # called outside any execution: nothing to replay it with
@@ -414,6 +571,11 @@ class EngineResilience:
             except Exception as exc:
                 if bound:
                     armed.pop(raw, None)
+                    if cut and cut.pop(raw, None) is not None:
+                        # Cut off by the watchdog: it may still be running. Never replayed.
+                        with contextlib.suppress(AttributeError):
+                            setattr(exc, _CUT_OFF, position)
+                        raise
                 new_cursor = reconnect(exc, position, context)
                 if new_cursor is None:
                     raise
@@ -421,7 +583,7 @@ class EngineResilience:
                 if bound:
                     armed.pop(raw, None)
             # Outside the except block: an error of the replay is not chained to the first one.
-            replay(new_cursor, context, original, statement, parameters)
+            replay(new_cursor, context, original, statement, parameters, position)
             return None
 
         return guarded
@@ -466,11 +628,18 @@ class EngineResilience:
         call: Callable[..., Any],
         statement: str,
         parameters: Any,
+        position: Position,
     ) -> None:
         """Run the statement again on ``cursor`` (from :meth:`_reconnect_for_replay`)."""
         key = self.arm(context._dbapi_connection.dbapi_connection)
         try:
             call(cursor, statement, parameters, context)
+        except Exception as exc:
+            if self.disarm(key):
+                key = None
+                with contextlib.suppress(AttributeError):
+                    setattr(exc, _CUT_OFF, position)
+            raise
         finally:
             self.disarm(key)
         context.cursor = cursor
@@ -492,6 +661,11 @@ class EngineResilience:
         record.invalidate(exc)
         fairy.dbapi_connection = record.get_connection()
         record.finalize_callback.extend(resets)
+        # What the pool's checkout listeners set (SET ROLE, search_path...) belongs to the
+        # new connection too: the pool ran them on the old one only.
+        checkout = connection.engine.pool.dispatch.checkout
+        if checkout:
+            checkout(fairy.dbapi_connection, record, fairy)
         dialect = connection.dialect
         options = connection._execution_options
         for name in set(dialect.connection_characteristics).intersection(options):
@@ -525,8 +699,8 @@ class EngineResilience:
             return live.pool._invoke_creator(None)  # type: ignore[arg-type]
 
         resolver = CommitResolver(self, new_connection)
-        if self.policy.verify_commits:
-            event.listen(engine, "connect", resolver.on_connect)
+        # Always: the server's facts (in recovery? identity) are read once per connection.
+        event.listen(engine, "connect", resolver.on_connect)
         verify = self.policy.verify_commits
 
         def commit(dbapi_connection: Any) -> None:
@@ -562,6 +736,9 @@ class EngineResilience:
                 else:
                     do_rollback(dbapi_connection)
             except Exception as exc:
+                if bound:
+                    armed.pop(dbapi_connection, None)
+                    self.cut.pop(dbapi_connection, None)
                 if not classify(exc).connection_unusable:
                     raise
                 stats.incr("rollback.on_dead_connection")
@@ -603,19 +780,19 @@ def install(engine: Engine | AsyncEngine, policy: Policy | None = None) -> Engin
     if not isinstance(sync_engine, Engine):
         raise ConfigurationError(f"install() needs an Engine or AsyncEngine, got {engine!r}")
     _check_engine(sync_engine)
-    if sync_engine in _installed:
+    if sync_engine.dialect in _installed:
         raise ConfigurationError(
             f"dbresilience is already installed on {mask_url(sync_engine.url)}"
         )
     if policy is not None and not isinstance(policy, Policy):
         raise ConfigurationError(f"policy must be a dbresilience.Policy, got {policy!r}")
     state = EngineResilience(sync_engine, policy or Policy())
-    event.listen(sync_engine, "do_connect", state.on_do_connect)
+    event.listen(sync_engine, "do_connect", state.on_do_connect, insert=True)
     event.listen(sync_engine, "handle_error", state.on_handle_error)
     state.wrap_execute(sync_engine.dialect)
     state.hook_pool(sync_engine.pool)
     state.wrap_dialect(sync_engine)
-    _installed[sync_engine] = state
+    _installed[sync_engine.dialect] = state
     return state
 
 
@@ -623,7 +800,7 @@ def resilience_of(engine: Engine | AsyncEngine) -> EngineResilience:
     """The :class:`EngineResilience` of a resilient engine; ``ValueError`` if there is none."""
     sync_engine = _sync_engine(engine)
     try:
-        return _installed[sync_engine]
+        return _installed[sync_engine.dialect]
     except KeyError:
         raise ConfigurationError(
             f"{mask_url(sync_engine.url)} is not a resilient engine: "

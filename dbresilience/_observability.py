@@ -78,6 +78,10 @@ class Stats:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
 
+    def reset_lock(self) -> None:
+        """A new lock, in a child after ``fork()`` (the parent's may have been held)."""
+        self._lock = threading.Lock()
+
     def incr(self, key: str, n: int = 1) -> None:
         """Add ``n`` to counter ``key``."""
         with self._lock:

@@ -73,14 +73,15 @@ class Policy:
     :param wait_max: backoff cap. Default 1 s.
     :param verify_commits: record the transaction id before COMMIT and, if the connection dies
         during COMMIT, ask the server whether it committed instead of guessing. Default True.
-    :param circuit_breaker: fail fast with ``CircuitOpen`` while the server is down.
-        Default True.
+    :param circuit_breaker: fail fast with ``CircuitOpen`` while the server is down. While
+        open, the breaker lets one probe connect through at a time, at the connect backoff's
+        pace (full jitter, ``connect_wait_initial`` doubling up to ``connect_wait_max``), so
+        the server sees a few attempts per second whatever the number of callers, and a
+        server that comes back is noticed within about ``connect_wait_max``. Default True.
     :param breaker_failures: consecutive failed connect attempts before the breaker opens.
         Default 5.
     :param breaker_min_duration: ...and the failures must have lasted this long, so a quick
         restart (1-3 s) never opens it. Default 3 s.
-    :param breaker_cooldown: time the breaker stays open before one probe connect is let
-        through (half-open). Default 5 s.
     :param commit_check_timeout: bound for resolving one ambiguous commit (reconnect and ask,
         waiting while the transaction is still "in progress"). Default 10 s.
     """
@@ -105,7 +106,6 @@ class Policy:
     circuit_breaker: bool = True
     breaker_failures: int = 5
     breaker_min_duration: float = 3.0
-    breaker_cooldown: float = 5.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -5,10 +5,11 @@ All retries go through tenacity with exponential backoff and full jitter
 so that it never sleeps past the deadline. Failures of kind ``unavailable`` (the server, or
 PgBouncer in front of it, says it cannot serve: nothing ran) are bounded by the deadline
 alone, as connect retries are: behind a pooler they come back at once, and an attempt cap
-would give up on a restart that the deadline allows for. A failure carrying ``retry_after`` (an open
-circuit breaker) waits at least that long, or ends the loop at once when the breaker would
-still be open at the deadline. :func:`set_testing` removes the sleeps (and can cap
-attempts) for users' test suites, like ``stamina.set_testing``.
+would give up on a restart that the deadline allows for. A failure carrying ``retry_after``
+(an open circuit breaker, which paces its probes itself: the time to its next probe slot)
+waits exactly that long instead of the backoff, or ends the loop at once when that wait
+would reach the deadline. :func:`set_testing` removes the sleeps (and can cap attempts) for
+users' test suites, like ``stamina.set_testing``.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def is_testing() -> bool:
 
 
 class _Wait(tenacity.wait.wait_base):
-    """Full-jitter exponential wait, never past the deadline, zero while testing."""
+    """Full-jitter exponential wait, or the failure's ``retry_after`` when it has one; never
+    past the deadline; zero while testing."""
 
     def __init__(self, initial: float, maximum: float, deadline: float) -> None:
         self._inner = tenacity.wait_random_exponential(multiplier=initial, max=maximum)
@@ -74,7 +76,8 @@ class _Wait(tenacity.wait.wait_base):
         if _testing:
             return 0.0
         elapsed = retry_state.seconds_since_start or 0.0
-        wait = max(self._inner(retry_state), _retry_after(retry_state))
+        asked = _retry_after(retry_state)
+        wait = self._inner(retry_state) if asked is None else asked
         return max(0.0, min(wait, self._deadline - elapsed))
 
 
@@ -84,10 +87,13 @@ def _failure(retry_state: tenacity.RetryCallState) -> BaseException | None:
     return outcome.exception() if outcome is not None and outcome.failed else None
 
 
-def _retry_after(retry_state: tenacity.RetryCallState) -> float:
-    """Seconds the failure asked us to wait (an open circuit breaker's cool-down), else 0."""
-    value = getattr(_failure(retry_state), "retry_after", 0.0)
-    return float(value) if isinstance(value, (int, float)) else 0.0
+def _retry_after(retry_state: tenacity.RetryCallState) -> float | None:
+    """Seconds the failure asked us to wait (an open circuit breaker: until its next probe
+    slot), or ``None`` when it did not say."""
+    value = getattr(_failure(retry_state), "retry_after", None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return max(0.0, float(value))
 
 
 class _AttemptStop(tenacity.stop.stop_base):
@@ -104,14 +110,18 @@ class _AttemptStop(tenacity.stop.stop_base):
 
 
 class _BreakerStop(tenacity.stop.stop_base):
-    """Stop at once when the circuit breaker will still be open at the deadline."""
+    """Stop at once when the wait a failure asks for (``retry_after``) reaches the deadline:
+    the circuit breaker will not let us through in time."""
 
     def __init__(self, deadline: float) -> None:
         self._deadline = deadline
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        asked = _retry_after(retry_state)
+        if asked is None:
+            return False  # the deadline stop handles it
         elapsed = retry_state.seconds_since_start or 0.0
-        return elapsed + _retry_after(retry_state) >= self._deadline
+        return elapsed + asked >= self._deadline
 
 
 def retry_kwargs(

@@ -7,6 +7,11 @@ attempt cap and deadline. A failure during COMMIT is never blindly retried: the 
 the server what happened (see ``_commit_outcome``) and either reports success, retries a
 verified-aborted transaction, or raises :class:`CommitOutcomeUnknown`.
 
+Only failures that come from the database (the driver, SQLAlchemy, dbresilience, or an
+exception chained from one of theirs) are retried: an exception of the application's own
+(``TimeoutError`` from an HTTP client, ``ConnectionRefusedError`` from Redis) propagates at
+once, unchanged, after one call.
+
 ``fn`` may therefore run more than once: it must not commit, and side effects outside the
 database (emails, HTTP calls) belong after :func:`run_transaction` returns.
 
@@ -25,7 +30,7 @@ import tenacity
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from dbresilience._classification import classify
+from dbresilience._classification import classify, from_database
 from dbresilience._engine_hooks import EngineResilience, resilience_of
 from dbresilience._errors import ConfigurationError
 from dbresilience._policy import Policy
@@ -65,7 +70,8 @@ def engine_of(target: object) -> Engine:
 
 
 def _retryable(exc: BaseException) -> bool:
-    return classify(exc).retryable
+    # The application's own exceptions propagate at once, unchanged (tenacity re-raises).
+    return from_database(exc) and classify(exc).retryable
 
 
 def transaction_retrying_kwargs(

@@ -4,11 +4,17 @@ libpq has keepalives and ``tcp_user_timeout``, but they cannot see a peer that s
 and never answers (a stuck proxy, a blackholing middlebox, a frozen server): a query then
 blocks for ever. The watchdog bounds every guarded call on a psycopg connection: past its
 deadline it shuts the connection's socket down (``shutdown(SHUT_RDWR)`` on a duplicate of the
-descriptor), which wakes the blocked call with "server closed the connection unexpectedly";
-that is classified ``disconnect`` and the connection is discarded.
+descriptor), which wakes the blocked call at once. Just before, the owner is told
+(:meth:`Guarded.cutting`): it remembers the cut, so that the statement is reported as cut
+(a timeout, never replayed: it may still be running on the server), and gives a function that
+sends the server a cancel request, which runs on a short-lived thread of its own.
 
 One daemon thread per process wakes every :data:`TICK` seconds, so a call returns within its
 bound plus one tick. Arming and disarming is a dict write and delete: no syscalls.
+
+``fork()`` copies no threads: the child restarts the thread (``os.register_at_fork``) and
+forgets the parent's armed calls. A thread that dies anyway is logged at CRITICAL and
+restarted by :meth:`Watchdog.ensure_alive` (called for every new connection).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from dbresilience._observability import logger
@@ -30,6 +37,11 @@ class Guarded(Protocol):
     """Who armed the watchdog: knows the socket of its connections and is told of overruns."""
 
     def fileno(self, connection: Any) -> int: ...
+
+    def cutting(self, connection: Any) -> Callable[[], None] | None:
+        """The call on ``connection`` is about to be cut off: remember it; return a function
+        that asks the server to cancel the statement (blocking, bounded, never raising)."""
+        ...
 
     def overran(self) -> None: ...
 
@@ -55,6 +67,32 @@ class Watchdog:
         if self._thread is None:
             self._start()
 
+    @property
+    def alive(self) -> bool:
+        """True when the thread runs (False before the first :meth:`start`)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def ensure_alive(self) -> None:
+        """Restart the thread, loudly, if it was started and has died since."""
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            logger.error("dbresilience watchdog thread was dead: restarted")
+            with self._lock:
+                if self._thread is thread:
+                    self._thread = None
+            self._start()
+
+    def _after_fork_in_child(self) -> None:
+        # Only the forking thread survives a fork: the parent's calls are not ours to watch,
+        # its lock may have been held, and its watchdog thread is gone.
+        self._lock = threading.Lock()
+        self._armed.clear()  # cleared, not replaced: hot paths hold this very dict
+        running = self._thread is not None
+        self._thread = None
+        if running:
+            self._start()
+
     def arm(self, seconds: float, connection: object, owner: Guarded) -> None:
         """Start bounding a blocking call on ``connection`` to ``seconds`` (plus one tick).
 
@@ -78,9 +116,20 @@ class Watchdog:
                 self._thread.start()
 
     def _run(self) -> None:
-        while True:
-            time.sleep(self._tick)
-            self._sweep(time.monotonic(), list(self._armed.items()))
+        try:
+            while True:
+                time.sleep(self._tick)
+                try:
+                    self._sweep(time.monotonic(), list(self._armed.items()))
+                except Exception:
+                    logger.exception("dbresilience watchdog: sweep failed")
+        except BaseException:
+            logger.critical(
+                "dbresilience watchdog thread died: command_timeout is not enforced until it "
+                "is restarted",
+                exc_info=True,
+            )
+            raise
 
     def _sweep(self, now: float, seen: list[tuple[Any, tuple[float, Guarded]]]) -> None:
         """Fire on the calls of ``seen`` (a snapshot of the armed ones) overdue at ``now``."""
@@ -103,12 +152,21 @@ class Watchdog:
             fd = os.dup(owner.fileno(connection))
         except Exception:
             return  # already closed
+        cancel: Callable[[], None] | None = None
+        try:
+            cancel = owner.cutting(connection)  # before the caller wakes up
+        except Exception:
+            logger.exception("dbresilience watchdog could not prepare a cancel request")
         try:
             with socket.socket(fileno=fd) as sock:
                 sock.shutdown(socket.SHUT_RDWR)
-            owner.overran()
         except Exception:
             logger.exception("dbresilience watchdog could not shut a socket down")
+            return
+        if cancel is not None:
+            threading.Thread(target=cancel, name="dbresilience-cancel", daemon=True).start()
+        owner.overran()
 
 
 watchdog = Watchdog()
+os.register_at_fork(after_in_child=watchdog._after_fork_in_child)

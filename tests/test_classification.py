@@ -61,7 +61,7 @@ class _PgLike(Exception):
         ("57P03", "", ErrorKind.UNAVAILABLE),
         ("57P05", "", ErrorKind.DISCONNECT),
         ("57014", "", ErrorKind.TIMEOUT),
-        ("25006", "", ErrorKind.UNAVAILABLE),
+        ("25006", "", ErrorKind.APPLICATION),  # a standby's is recognised by the engine
         ("28P01", "", ErrorKind.PERMANENT),
         ("28000", "", ErrorKind.PERMANENT),
         ("3D000", "", ErrorKind.PERMANENT),
@@ -121,11 +121,15 @@ def test_real_statement_timeout(shared_pg: PostgresCluster) -> None:
     engine.dispose()
 
 
-def test_real_read_only_transaction(shared_pg: PostgresCluster) -> None:
+def test_real_read_only_transaction_on_a_primary_is_the_apps(shared_pg: PostgresCluster) -> None:
     engine = create_resilient_engine(shared_pg.url())
-    err = _classified(engine, "set transaction read only", "create table if not exists ro (x int)")
-    assert isinstance(err, dbresilience.DatabaseUnavailable)
-    assert err.sqlstate == "25006" and err.retryable
+    with pytest.raises(exc.DBAPIError) as info, engine.begin() as conn:
+        conn.execute(text("set transaction read only"))
+        conn.execute(text("create table if not exists ro (x int)"))
+    err = info.value
+    assert not isinstance(err, dbresilience.ResilienceError)
+    assert isinstance(err, exc.InternalError)
+    assert classify(err).kind is ErrorKind.APPLICATION and not classify(err).retryable
     engine.dispose()
 
 

@@ -207,14 +207,23 @@ def test_breaker_state_is_read_from_the_engine(
         if isinstance(getattr(type(state), "breaker", None), property):
             pytest.skip("EngineResilience.breaker is a read-only property; its tests cover it")
         now = [0.0]
-        breaker = CircuitBreaker(failures=1, min_duration=0, cooldown=60, clock=lambda: now[0])
+        # The fake clock stands still: the breaker stays "open" until it is moved past the
+        # first probe slot (a full-jitter wait of up to 60 s).
+        breaker = CircuitBreaker(
+            failures=1,
+            min_duration=0,
+            probe_wait_initial=60,
+            probe_wait_max=60,
+            clock=lambda: now[0],
+        )
         monkeypatch.setattr(state, "breaker", breaker, raising=False)
         assert check_health(engine).breaker == "closed"
         assert breaker.record_failure()  # opened
+        assert breaker.retry_after() > 0.0
         report = check_health(engine)
         assert report.breaker == "open"
         assert not report.ready  # whatever the probe found
-        now[0] = 61.0
+        now[0] = 61.0  # past the probe slot
         report = check_health(engine)
         assert report.breaker in ("half-open", "closed")  # closed if the probe went through it
         assert report.ready

@@ -16,10 +16,14 @@ class Owner:
 
     def __init__(self) -> None:
         self.overruns = 0
+        self.cuts: list[object] = []
 
     def fileno(self, connection: object) -> int:
         assert isinstance(connection, socket.socket)
         return connection.fileno()
+
+    def cutting(self, connection: object) -> None:
+        self.cuts.append(connection)
 
     def overran(self) -> None:
         self.overruns += 1

@@ -86,6 +86,9 @@ class PostgresCluster:
     :param port: TCP port on 127.0.0.1; a free one is picked when ``None``.
     :param settings: extra ``postgresql.conf`` settings.
     :param basedir: parent directory for the data directory (a temp dir when ``None``).
+    :param standby_of: a running server: make this one its streaming standby
+        (``pg_basebackup -R``) instead of a new cluster; :meth:`start` it, and promote it
+        with ``pg_ctl promote`` / ``select pg_promote()``.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class PostgresCluster:
         port: int | None = None,
         settings: dict[str, str] | None = None,
         basedir: Path | None = None,
+        standby_of: PostgresCluster | None = None,
     ) -> None:
         self.bindir = find_pg_bindir()
         self.host = "127.0.0.1"
@@ -116,7 +120,10 @@ class PostgresCluster:
             "unix_socket_directories": f"'{self.sockdir}'",
             **(settings or {}),
         }
-        self._initdb()
+        if standby_of is None:
+            self._initdb()
+        else:
+            self._basebackup(standby_of)
 
     # -- process control -------------------------------------------------------------------
 
@@ -164,6 +171,32 @@ class PostgresCluster:
         with (self.datadir / "postgresql.conf").open("a") as f:
             for key, value in self._settings.items():
                 f.write(f"{key} = {value}\n")
+            f.write(f"port = {self.port}\n")
+
+    def _basebackup(self, primary: PostgresCluster) -> None:
+        """A streaming standby of ``primary`` (running): ``pg_basebackup -R``."""
+        self.sockdir.mkdir()
+        if self._user is not None:
+            _open_up(self._tmp)
+            for p in (self._tmp, self.sockdir):
+                os.chown(p, self._user.pw_uid, self._user.pw_gid)
+        self._run(
+            "pg_basebackup",
+            "-D",
+            str(self.datadir),
+            "-h",
+            primary.host,
+            "-p",
+            str(primary.port),
+            "-U",
+            "postgres",
+            "-R",
+            "-X",
+            "stream",
+            "--no-sync",
+        )
+        with (self.datadir / "postgresql.conf").open("a") as f:  # later lines win
+            f.write(f"unix_socket_directories = '{self.sockdir}'\n")
             f.write(f"port = {self.port}\n")
 
     def start(self, *, wait: bool = True) -> None:
