@@ -126,10 +126,8 @@ class _Psycopg(Driver):
         return int(self._pgconn(dbapi_conn).socket)
 
     def canceller(self, dbapi_conn: Any, timeout: float) -> Callable[[], None] | None:
-        from psycopg import capabilities
-
         pgconn = self._pgconn(dbapi_conn)
-        if capabilities.has_cancel_safe():  # libpq 17+: a cancel connection we can bound
+        if _has_cancel_safe():  # libpq 17+: a cancel connection we can bound
             cancel_conn = pgconn.cancel_conn()
             return lambda: _psycopg_cancel(cancel_conn, timeout)
         legacy = pgconn.get_cancel()  # PQcancel: bounded only by the kernel's connect timeout
@@ -258,6 +256,14 @@ def tune_socket(sock: Any, policy: Any) -> None:
         if option is not None:
             with contextlib.suppress(OSError):  # an option this kernel lacks
                 sock.setsockopt(level, option, max(1, int(value)))
+
+
+def _has_cancel_safe() -> bool:
+    try:
+        from psycopg import capabilities  # psycopg 3.2+
+    except ImportError:
+        return False
+    return bool(capabilities.has_cancel_safe())
 
 
 def _quietly(fn: Callable[[], object]) -> None:

@@ -67,6 +67,7 @@ from dbresilience._observability import Stats, logger
 from dbresilience._policy import Policy
 from dbresilience._redaction import mask_url
 from dbresilience._retrying import retry_kwargs
+from dbresilience._sqla import reapply_characteristics
 from dbresilience._watchdog import watchdog
 
 if TYPE_CHECKING:
@@ -666,12 +667,7 @@ class EngineResilience:
         checkout = connection.engine.pool.dispatch.checkout
         if checkout:
             checkout(fairy.dbapi_connection, record, fairy)
-        dialect = connection.dialect
-        options = connection._execution_options
-        for name in set(dialect.connection_characteristics).intersection(options):
-            dialect.connection_characteristics[name].set_connection_characteristic(
-                dialect, connection, fairy.dbapi_connection, options[name]
-            )
+        reapply_characteristics(connection, fairy.dbapi_connection)
         return context.create_cursor()
 
     # -- commit and rollback ---------------------------------------------------------------
