@@ -32,20 +32,25 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from dbresilience._classification import ErrorKind, classify
-from dbresilience._observability import Stats
+from dbresilience._observability import Stats, logger
 
 __all__ = ["IN_RECOVERY_KEY", "CommitOutcome", "CommitResolver", "connect_budget"]
 
 # One query per new connection: is the server a standby, and which server is it? (On a
 # standby there is no current WAL position: no identity, and commits there cannot be checked.)
+# PostgreSQL 10+ (pg_walfile_name); on an older server it fails and nothing is verified.
 _FACTS_SQL = (
     "select pg_is_in_recovery(), system_identifier::text, case when pg_is_in_recovery() "
-    "then null else pg_walfile_name(pg_current_wal_lsn()) end from pg_control_system()"
+    "then null else pg_walfile_name(pg_current_wal_lsn()) end, "
+    "current_setting('server_version_num')::int from pg_control_system()"
 )
+# The transaction id before COMMIT, and its status later: the xid8 functions of PostgreSQL 13+,
+# else the txid_* family (10-12; deprecated since 13). The xid is inlined (digits only,
+# checked) so that the SQL is the same whatever the driver's parameter style.
 _XID_SQL = "select pg_current_xact_id_if_assigned()::text"
-# The xid is inlined (digits only, checked) so that the SQL is the same whatever the driver's
-# parameter style (psycopg %s, asyncpg $1).
 _STATUS_SQL = "select pg_xact_status('{}'::xid8)"
+_XID_SQL_10 = "select txid_current_if_assigned()::text"
+_STATUS_SQL_10 = "select txid_status({}::bigint)"
 _VERDICT_ATTR = "_dbresilience_commit_verdict"
 _IDENTITY_KEY = "dbresilience_server_identity"
 #: Connection ``info`` key: True when the server was in recovery (a standby) at connect.
@@ -104,12 +109,22 @@ def _one(dbapi_conn: Any, sql: str) -> Any:
     return None if row is None else row[0]
 
 
-def _facts(dbapi_conn: Any) -> tuple[bool, tuple[str, int] | None]:
-    """(in recovery, identity: system identifier and current timeline, or None)."""
-    in_recovery, sysid, walfile = _row(dbapi_conn, _FACTS_SQL)
+Identity = tuple[str, int, int]  # system identifier, timeline, server_version_num
+
+
+def _facts(dbapi_conn: Any) -> tuple[bool, Identity | None]:
+    """(in recovery, identity: system identifier, current timeline and server version, or
+    None on a standby, where there is no current WAL position)."""
+    in_recovery, sysid, walfile, version = _row(dbapi_conn, _FACTS_SQL)
     if walfile is None:
         return bool(in_recovery), None
-    return bool(in_recovery), (str(sysid), int(str(walfile)[:8], 16))  # file name: timeline
+    # WAL file names start with the timeline, in hex.
+    return bool(in_recovery), (str(sysid), int(str(walfile)[:8], 16), int(version))
+
+
+def _sql_for(identity: Identity) -> tuple[str, str]:
+    """The (xid, status) queries for the server of ``identity``."""
+    return (_XID_SQL, _STATUS_SQL) if identity[2] >= 130000 else (_XID_SQL_10, _STATUS_SQL_10)
 
 
 class _NotSameServer(Exception):
@@ -127,14 +142,18 @@ class CommitResolver:
     def __init__(self, owner: Checker, creator: Callable[[], Any]) -> None:
         self._owner = owner
         self._creator = creator
+        self._warned = False
 
     def commit(self, dbapi_conn: Any, do_commit: Callable[[Any], None]) -> None:
         """COMMIT on ``dbapi_conn``; resolve the outcome if the connection dies meanwhile."""
         # SQLAlchemy passes its pool proxy; closing *that* would check it in.
         raw = getattr(dbapi_conn, "dbapi_connection", dbapi_conn)
         identity = dbapi_conn.info.get(_IDENTITY_KEY)  # the pool proxy's info: the record's
+        if identity is None:  # a standby or a server too old to ask: nothing to verify with
+            do_commit(dbapi_conn)
+            return
         try:
-            xid = _one(dbapi_conn, _XID_SQL)
+            xid = _one(dbapi_conn, _sql_for(identity)[0])
         except Exception as exc:
             # COMMIT was never sent: the transaction certainly did not commit.
             with contextlib.suppress(AttributeError):
@@ -159,13 +178,20 @@ class CommitResolver:
     def on_connect(self, dbapi_conn: Any, record: Any) -> None:
         """Pool ``connect`` listener: record whether the server is in recovery and its
         identity, outside any app transaction. One query per new connection."""
-        facts: tuple[bool, tuple[str, int] | None] | None = None
+        facts: tuple[bool, Identity | None] | None = None
         try:
             try:
                 facts = _facts(dbapi_conn)
             except Exception as exc:
                 if classify(exc).connection_unusable:
                     raise
+                if not self._warned:  # PostgreSQL < 10, or a pooler that refuses the query
+                    self._warned = True
+                    logger.warning(
+                        "cannot read the server's facts (%s): commits on its connections are "
+                        "not verified and 25006 is not recognised as a failover signal",
+                        classify(exc).reason,
+                    )
             with contextlib.suppress(Exception):
                 dbapi_conn.rollback()
         except BaseException:
@@ -176,7 +202,7 @@ class CommitResolver:
         if facts is not None:
             record.info[IN_RECOVERY_KEY], record.info[_IDENTITY_KEY] = facts
 
-    def _resolve(self, xid: str | None, identity: tuple[str, int] | None) -> CommitOutcome:
+    def _resolve(self, xid: str | None, identity: Identity | None) -> CommitOutcome:
         if xid is None:
             return CommitOutcome.NOTHING_TO_COMMIT
         if identity is None or not xid.isdigit():  # xid8::text is digits; checked, as inlined
@@ -199,7 +225,9 @@ class CommitResolver:
                         if remaining <= 0:
                             return CommitOutcome.UNKNOWN
                         self._query(conn, remaining, _same_server, identity)
-                    status = self._query(conn, deadline - time.monotonic(), _status, xid)
+                    status = self._query(
+                        conn, deadline - time.monotonic(), _status, (_sql_for(identity)[1], xid)
+                    )
                 except _NotSameServer:
                     return CommitOutcome.UNKNOWN
                 except Exception as exc:
@@ -247,7 +275,7 @@ class CommitResolver:
             self._owner.disarm(key)
 
 
-def _same_server(conn: Any, identity: tuple[str, int]) -> None:
+def _same_server(conn: Any, identity: Identity) -> None:
     _, found = _facts(conn)
     if found != identity:
         raise _NotSameServer
@@ -255,8 +283,9 @@ def _same_server(conn: Any, identity: tuple[str, int]) -> None:
         conn.rollback()
 
 
-def _status(conn: Any, xid: str) -> str | None:
-    status = _one(conn, _STATUS_SQL.format(xid))
+def _status(conn: Any, query: tuple[str, str]) -> str | None:
+    sql, xid = query
+    status = _one(conn, sql.format(xid))
     with contextlib.suppress(Exception):
         conn.rollback()  # no transaction left open between polls
     return None if status is None else str(status)

@@ -67,7 +67,7 @@ from dbresilience._observability import Stats, logger
 from dbresilience._policy import Policy
 from dbresilience._redaction import mask_url
 from dbresilience._retrying import retry_kwargs
-from dbresilience._sqla import reapply_characteristics
+from dbresilience._sqla import check_version, reapply_characteristics
 from dbresilience._watchdog import watchdog
 
 if TYPE_CHECKING:
@@ -772,6 +772,7 @@ def install(engine: Engine | AsyncEngine, policy: Policy | None = None) -> Engin
 
     Installing twice on the same engine raises :class:`ConfigurationError`.
     """
+    check_version()
     sync_engine = _sync_engine(engine)
     if not isinstance(sync_engine, Engine):
         raise ConfigurationError(f"install() needs an Engine or AsyncEngine, got {engine!r}")

