@@ -10,7 +10,7 @@ awaits ``fn``.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import tenacity
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
@@ -23,6 +23,7 @@ from dbresilience._transactions import engine_of, transaction_retrying_kwargs
 __all__ = ["AsyncSessionFactory", "async_session_factory", "run_async_transaction"]
 
 T = TypeVar("T")
+S = TypeVar("S", bound=AsyncSession)
 
 AsyncTarget = AsyncEngine | AsyncConnection | AsyncSession | async_sessionmaker[Any]
 
@@ -43,6 +44,21 @@ async def _once(target: AsyncTarget, fn: Callable[[Any], Awaitable[T]]) -> T:
         return await fn(session)
 
 
+@overload
+async def run_async_transaction(
+    target: AsyncEngine | AsyncConnection,
+    fn: Callable[[AsyncConnection], Awaitable[T]],
+    *,
+    policy: Policy | None = None,
+) -> T: ...
+@overload
+async def run_async_transaction(
+    target: async_sessionmaker[S], fn: Callable[[S], Awaitable[T]], *, policy: Policy | None = None
+) -> T: ...
+@overload
+async def run_async_transaction(
+    target: S, fn: Callable[[S], Awaitable[T]], *, policy: Policy | None = None
+) -> T: ...
 async def run_async_transaction(
     target: AsyncTarget, fn: Callable[[Any], Awaitable[T]], *, policy: Policy | None = None
 ) -> T:

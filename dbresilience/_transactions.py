@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 import tenacity
 from sqlalchemy.engine import Connection, Engine
@@ -39,6 +39,8 @@ from dbresilience._retrying import retry_kwargs
 __all__ = ["engine_of", "run_transaction", "transaction_retrying_kwargs", "transactional"]
 
 T = TypeVar("T")
+S = TypeVar("S", bound=Session)
+P = ParamSpec("P")
 
 Target = Engine | Connection | Session | sessionmaker[Any]
 
@@ -121,6 +123,16 @@ def _once(target: Target, fn: Callable[[Any], T]) -> T:
         return _checked(fn(session))
 
 
+@overload
+def run_transaction(
+    target: Engine | Connection, fn: Callable[[Connection], T], *, policy: Policy | None = None
+) -> T: ...
+@overload
+def run_transaction(
+    target: sessionmaker[S], fn: Callable[[S], T], *, policy: Policy | None = None
+) -> T: ...
+@overload
+def run_transaction(target: S, fn: Callable[[S], T], *, policy: Policy | None = None) -> T: ...
 def run_transaction(target: Target, fn: Callable[[Any], T], *, policy: Policy | None = None) -> T:
     """Run ``fn`` in a transaction on ``target``, commit, and retry retryable failures.
 
@@ -143,10 +155,23 @@ def run_transaction(target: Target, fn: Callable[[Any], T], *, policy: Policy | 
     return result
 
 
+@overload
+def transactional(
+    target: Engine | Connection, *, policy: Policy | None = None
+) -> Callable[[Callable[Concatenate[Connection, P], T]], Callable[P, T]]: ...
+@overload
+def transactional(
+    target: sessionmaker[S], *, policy: Policy | None = None
+) -> Callable[[Callable[Concatenate[S, P], T]], Callable[P, T]]: ...
+@overload
+def transactional(
+    target: S, *, policy: Policy | None = None
+) -> Callable[[Callable[Concatenate[S, P], T]], Callable[P, T]]: ...
 def transactional(
     target: Target, *, policy: Policy | None = None
-) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Decorator form: ``@transactional(SessionLocal)`` passes the session/connection first.
+) -> Callable[[Callable[Concatenate[Any, P], T]], Callable[P, T]]:
+    """Decorator form: ``@transactional(SessionLocal)`` passes the session/connection first;
+    the decorated function keeps the rest of its signature (typed).
 
     ::
 
@@ -156,10 +181,11 @@ def transactional(
         transfer(1, 2, 100)  # runs in a retried transaction
     """
 
-    def decorate(func: Callable[..., T]) -> Callable[..., T]:
+    def decorate(func: Callable[Concatenate[Any, P], T]) -> Callable[P, T]:
         @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> T:
-            return run_transaction(target, lambda c: func(c, *args, **kwargs), policy=policy)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            unit: Callable[[Any], T] = lambda c: func(c, *args, **kwargs)  # noqa: E731
+            return run_transaction(target, unit, policy=policy)
 
         return wrapper
 
