@@ -136,9 +136,11 @@ class CircuitBreaker:
             self.probes += 1
             return True
 
-    def reset_lock(self) -> None:
-        """A new lock, in a child after ``fork()`` (the parent's may have been held)."""
+    def after_fork_in_child(self) -> None:
+        """In a child after ``fork()``: a new lock (the parent's may have been held) and no
+        probe in flight (a parent thread's probe does not exist here)."""
         self._lock = threading.Lock()
+        self._probe_in_flight = False
 
     def record_success(self) -> None:
         """A connect succeeded (the server answered): close the breaker, forget past failures."""

@@ -256,9 +256,20 @@ def from_database(exc: BaseException) -> bool:
     Retry loops ask this first: an application's own ``TimeoutError`` (an HTTP call) or
     ``ConnectionRefusedError`` (Redis) says nothing about the database and is never retried.
     """
-    return any(
-        type(e).__module__.partition(".")[0] in _DATABASE_PACKAGES for e in _chain(exc)
-    )
+    for e in _chain(exc):
+        if type(e).__module__.partition(".")[0] not in _DATABASE_PACKAGES:
+            continue
+        if _is_statement_wrapper(e):
+            continue  # SQLAlchemy wrapped what its .orig says (a TypeDecorator's own error...)
+        return True
+    return False
+
+
+def _is_statement_wrapper(e: BaseException) -> bool:
+    """A SQLAlchemy ``StatementError`` that is not a ``DBAPIError``: it only carries ``.orig``."""
+    from sqlalchemy import exc as sa_exc
+
+    return isinstance(e, sa_exc.StatementError) and not isinstance(e, sa_exc.DBAPIError)
 
 
 def classify(exc: BaseException) -> Classification:

@@ -29,7 +29,7 @@ import contextvars
 import enum
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from dbresilience._classification import ErrorKind, classify
 from dbresilience._observability import Stats, logger
@@ -39,10 +39,17 @@ __all__ = ["IN_RECOVERY_KEY", "CommitOutcome", "CommitResolver", "connect_budget
 # One query per new connection: is the server a standby, and which server is it? (On a
 # standby there is no current WAL position: no identity, and commits there cannot be checked.)
 # PostgreSQL 10+ (pg_walfile_name); on an older server it fails and nothing is verified.
+# Also when the server started and, when its latest checkpoint is not newer than that start
+# (checkpoint times are whole seconds), that checkpoint's next xid: every xid below it was
+# handed out before the start (a clean shutdown's checkpoint, or crash recovery's own when it
+# ended within the same second), so no transaction since reused one of them.
 _FACTS_SQL = (
     "select pg_is_in_recovery(), system_identifier::text, case when pg_is_in_recovery() "
     "then null else pg_walfile_name(pg_current_wal_lsn()) end, "
-    "current_setting('server_version_num')::int from pg_control_system()"
+    "current_setting('server_version_num')::int, "
+    "extract(epoch from pg_postmaster_start_time())::float8, "
+    "case when c.checkpoint_time <= pg_postmaster_start_time() then c.next_xid end "
+    "from pg_control_system(), pg_control_checkpoint() c"
 )
 # The transaction id before COMMIT, and its status later: the xid8 functions of PostgreSQL 13+,
 # else the txid_* family (10-12; deprecated since 13). The xid is inlined (digits only,
@@ -53,6 +60,7 @@ _XID_SQL_10 = "select txid_current_if_assigned()::text"
 _STATUS_SQL_10 = "select txid_status({}::bigint)"
 _VERDICT_ATTR = "_dbresilience_commit_verdict"
 _IDENTITY_KEY = "dbresilience_server_identity"
+_STARTED_KEY = "dbresilience_server_started"
 #: Connection ``info`` key: True when the server was in recovery (a standby) at connect.
 IN_RECOVERY_KEY = "dbresilience_in_recovery"
 
@@ -112,14 +120,23 @@ def _one(dbapi_conn: Any, sql: str) -> Any:
 Identity = tuple[str, int, int]  # system identifier, timeline, server_version_num
 
 
-def _facts(dbapi_conn: Any) -> tuple[bool, Identity | None]:
-    """(in recovery, identity: system identifier, current timeline and server version, or
-    None on a standby, where there is no current WAL position)."""
-    in_recovery, sysid, walfile, version = _row(dbapi_conn, _FACTS_SQL)
-    if walfile is None:
-        return bool(in_recovery), None
-    # WAL file names start with the timeline, in hex.
-    return bool(in_recovery), (str(sysid), int(str(walfile)[:8], 16), int(version))
+class _Facts(NamedTuple):
+    in_recovery: bool
+    identity: Identity | None  # None on a standby, where there is no current WAL position
+    started: float  # the server's start (epoch seconds)
+    reused_from: int | None  # xids from this one up may have been handed out again (None: any)
+
+
+def _facts(dbapi_conn: Any) -> _Facts:
+    in_recovery, sysid, walfile, version, started, next_xid = _row(dbapi_conn, _FACTS_SQL)
+    identity = None
+    if walfile is not None:  # WAL file names start with the timeline, in hex
+        identity = (str(sysid), int(str(walfile)[:8], 16), int(version))
+    reused_from = None
+    if next_xid is not None:  # "epoch:xid", as a full 64-bit xid (xid8, txid)
+        epoch, _, xid = str(next_xid).partition(":")
+        reused_from = (int(epoch) << 32) | int(xid)
+    return _Facts(bool(in_recovery), identity, float(started), reused_from)
 
 
 def _sql_for(identity: Identity) -> tuple[str, str]:
@@ -148,7 +165,9 @@ class CommitResolver:
         """COMMIT on ``dbapi_conn``; resolve the outcome if the connection dies meanwhile."""
         # SQLAlchemy passes its pool proxy; closing *that* would check it in.
         raw = getattr(dbapi_conn, "dbapi_connection", dbapi_conn)
-        identity = dbapi_conn.info.get(_IDENTITY_KEY)  # the pool proxy's info: the record's
+        info = dbapi_conn.info  # the pool proxy's info: the record's
+        identity = info.get(_IDENTITY_KEY)
+        started = info.get(_STARTED_KEY)
         if identity is None:  # a standby or a server too old to ask: nothing to verify with
             do_commit(dbapi_conn)
             return
@@ -167,7 +186,7 @@ class CommitResolver:
                 raise
             with contextlib.suppress(Exception):
                 raw.close()  # dead anyway; the pool replaces it at the next checkout
-            outcome = self._resolve(xid, identity)
+            outcome = self._resolve(xid, identity, started)
             self._owner.stats.incr(f"commit.{outcome.value}")
             if outcome in (CommitOutcome.COMMITTED, CommitOutcome.NOTHING_TO_COMMIT):
                 return  # the transaction's work is durable (or there was none)
@@ -178,7 +197,7 @@ class CommitResolver:
     def on_connect(self, dbapi_conn: Any, record: Any) -> None:
         """Pool ``connect`` listener: record whether the server is in recovery and its
         identity, outside any app transaction. One query per new connection."""
-        facts: tuple[bool, Identity | None] | None = None
+        facts: _Facts | None = None
         try:
             try:
                 facts = _facts(dbapi_conn)
@@ -200,13 +219,22 @@ class CommitResolver:
                 self._owner.abort(dbapi_conn)
             raise
         if facts is not None:
-            record.info[IN_RECOVERY_KEY], record.info[_IDENTITY_KEY] = facts
+            record.info[IN_RECOVERY_KEY] = facts.in_recovery
+            record.info[_IDENTITY_KEY] = facts.identity
+            record.info[_STARTED_KEY] = facts.started
 
-    def _resolve(self, xid: str | None, identity: Identity | None) -> CommitOutcome:
+    def _resolve(
+        self, xid: str | None, identity: Identity | None, started: float | None
+    ) -> CommitOutcome:
         if xid is None:
             return CommitOutcome.NOTHING_TO_COMMIT
-        if identity is None or not xid.isdigit():  # xid8::text is digits; checked, as inlined
+        if identity is None or started is None or not xid.isdigit():  # xid8::text: digits
             return CommitOutcome.UNKNOWN
+        # After crash recovery an xid that never reached the disk is handed out again: then
+        # "committed" may be another transaction's, unless the xid provably predates the
+        # restart (see _FACTS_SQL). A crash loses our transaction if anything of it was lost,
+        # so "aborted" and "in the future" still mean that it did not commit.
+        restarted = untrusted = False
         owner = self._owner
         deadline = time.monotonic() + owner.policy.commit_check_timeout
         conn: Any = None
@@ -224,7 +252,14 @@ class CommitResolver:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             return CommitOutcome.UNKNOWN
-                        self._query(conn, remaining, _same_server, identity)
+                        reused_from = self._query(
+                            conn, remaining, _restart_of, (identity, started)
+                        )
+                        if reused_from is not _SAME_RUN:
+                            restarted = True
+                            untrusted = untrusted or reused_from is None or (
+                                int(xid) >= reused_from
+                            )
                     status = self._query(
                         conn, deadline - time.monotonic(), _status, (_sql_for(identity)[1], xid)
                     )
@@ -232,6 +267,9 @@ class CommitResolver:
                     return CommitOutcome.UNKNOWN
                 except Exception as exc:
                     found = classify(exc)
+                    if found.sqlstate == "22023" and "future" in str(exc):
+                        # Not assigned since the server restarted: lost in a crash, or unknown.
+                        return CommitOutcome.ABORTED if restarted else CommitOutcome.UNKNOWN
                     if found.kind is ErrorKind.PERMANENT:  # e.g. the database was dropped
                         return CommitOutcome.UNKNOWN
                     owner.stats.retry("commit-check", attempt, wait, found)
@@ -240,7 +278,7 @@ class CommitResolver:
                         conn = None
                     status = "unreachable"
                 if status == "committed":
-                    return CommitOutcome.COMMITTED
+                    return CommitOutcome.UNKNOWN if untrusted else CommitOutcome.COMMITTED
                 if status == "aborted":
                     return CommitOutcome.ABORTED
                 if status not in ("in progress", "unreachable"):
@@ -262,9 +300,7 @@ class CommitResolver:
         self._owner.stats.incr("commit-check.connections")
         return conn
 
-    def _query(
-        self, conn: Any, budget: float, run: Callable[[Any, Any], str | None], arg: Any
-    ) -> str | None:
+    def _query(self, conn: Any, budget: float, run: Callable[[Any, Any], Any], arg: Any) -> Any:
         """``run(conn, arg)`` bounded by the watchdog to ``budget`` seconds."""
         if budget <= 0:
             raise TimeoutError("commit_check_timeout spent")
@@ -275,12 +311,22 @@ class CommitResolver:
             self._owner.disarm(key)
 
 
-def _same_server(conn: Any, identity: Identity) -> None:
-    _, found = _facts(conn)
-    if found != identity:
-        raise _NotSameServer
+_SAME_RUN: Any = object()
+
+
+def _restart_of(conn: Any, known: tuple[Identity, float]) -> Any:
+    """Whether the server on ``conn`` restarted since ``known`` (identity, start) was read:
+    :data:`_SAME_RUN` if not, else the xid from which xids may have been reused (``None``: any);
+    :class:`_NotSameServer` when it is another server (another cluster, or a new timeline)."""
+    identity, started = known
+    facts = _facts(conn)
     with contextlib.suppress(Exception):
         conn.rollback()
+    if facts.identity != identity:
+        raise _NotSameServer
+    if abs(facts.started - started) < 1e-3:
+        return _SAME_RUN
+    return facts.reused_from
 
 
 def _status(conn: Any, query: tuple[str, str]) -> str | None:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dbresilience import _sqla
 from dbresilience._classification import Classification, ErrorKind
 from dbresilience._errors import ConfigurationError
 
@@ -117,7 +118,7 @@ class _Psycopg(Driver):
     def _pgconn(dbapi_conn: Any) -> Any:
         pgconn = getattr(dbapi_conn, "pgconn", None)
         if pgconn is None:  # SQLAlchemy's async adapter wraps psycopg.AsyncConnection
-            pgconn = dbapi_conn._connection.pgconn
+            pgconn = dbapi_conn.driver_connection.pgconn
         return pgconn
 
     needs_watchdog = True  # libpq has no client-side statement timeout
@@ -148,7 +149,7 @@ class _Psycopg(Driver):
     def statement_position(self, dbapi_conn: Any) -> Position:
         pgconn = getattr(dbapi_conn, "pgconn", None)  # inline _pgconn(): a hot path
         if pgconn is None:
-            pgconn = dbapi_conn._connection.pgconn
+            pgconn = dbapi_conn.driver_connection.pgconn
         # Not PQTRANS_IDLE (a closed connection reports UNKNOWN: whether a transaction was open
         # is lost with it).
         if pgconn.transaction_status != 0:
@@ -160,7 +161,9 @@ class _Psycopg(Driver):
 
 
 class _Asyncpg(Driver):
-    """asyncpg, through SQLAlchemy's ``AsyncAdapt_asyncpg_connection`` (``._connection``).
+    """asyncpg, through SQLAlchemy's ``AsyncAdapt_asyncpg_connection`` (``driver_connection``:
+    the ``asyncpg.Connection``, whose private ``_protocol``/``_addr``/``_transport`` give the
+    cancel key and the socket).
 
     asyncpg has no keepalive or ``tcp_user_timeout`` connect options (set on the socket here),
     a 60 s connect timeout and no command timeout by default.
@@ -186,7 +189,7 @@ class _Asyncpg(Driver):
         return int(sock.fileno())
 
     def canceller(self, dbapi_conn: Any, timeout: float) -> Callable[[], None] | None:
-        connection = dbapi_conn._connection
+        connection = dbapi_conn.driver_connection
         protocol = connection._protocol
         pid, secret, addr = protocol.backend_pid, protocol.backend_secret, connection._addr
         if not isinstance(pid, int) or not isinstance(secret, int):
@@ -210,24 +213,24 @@ class _Asyncpg(Driver):
         return found
 
     def closed(self, dbapi_conn: Any) -> bool:
-        return bool(dbapi_conn._connection.is_closed())
+        return bool(dbapi_conn.driver_connection.is_closed())
 
     def looks_dead(self, dbapi_conn: Any) -> bool:
         # asyncpg notices EOF by itself and flips is_closed(), but only once the event loop has
         # read the socket; bytes waiting on an idle socket mean the same thing one step earlier.
-        if dbapi_conn._connection.is_closed():
+        if dbapi_conn.driver_connection.is_closed():
             return True
         sock = _socket_of(dbapi_conn)
         return sock is not None and _readable(sock.fileno())
 
     def statement_position(self, dbapi_conn: Any) -> Position:
-        if dbapi_conn._transaction is not None:
+        if _sqla.asyncpg_adapter_transaction(dbapi_conn) is not None:
             return Position.IN_TRANSACTION
         if dbapi_conn.isolation_level == "autocommit":  # the adapter's own test before BEGIN
             # asyncpg's own flag, for a BEGIN sent as a statement; it outlives a connection the
             # server closed. A terminated connection has no protocol left to ask: assume one.
             try:
-                in_transaction = dbapi_conn._connection.is_in_transaction()
+                in_transaction = dbapi_conn.driver_connection.is_in_transaction()
             except AttributeError:
                 return Position.IN_TRANSACTION
             return Position.IN_TRANSACTION if in_transaction else Position.AUTOCOMMIT
@@ -236,7 +239,7 @@ class _Asyncpg(Driver):
         return Position.STARTS_TRANSACTION
 
     def abort(self, dbapi_conn: Any) -> None:
-        dbapi_conn._connection.terminate()
+        dbapi_conn.driver_connection.terminate()
 
 
 def tune_socket(sock: Any, policy: Any) -> None:
@@ -313,7 +316,7 @@ def _send_cancel_request(addr: Any, message: bytes, timeout: float) -> None:
 
 
 def _socket_of(dbapi_conn: Any) -> Any:
-    transport = getattr(dbapi_conn._connection, "_transport", None)
+    transport = getattr(dbapi_conn.driver_connection, "_transport", None)
     return None if transport is None else transport.get_extra_info("socket")
 
 

@@ -66,17 +66,19 @@ def is_testing() -> bool:
 
 class _Wait(tenacity.wait.wait_base):
     """Full-jitter exponential wait, or the failure's ``retry_after`` when it has one; never
-    past the deadline; zero while testing."""
+    past the deadline. While testing the backoff is zero, but ``retry_after`` (an open
+    breaker's next probe, at most ``connect_wait_max``) is still waited: else a test against a
+    server that is down would spin a core until the deadline."""
 
     def __init__(self, initial: float, maximum: float, deadline: float) -> None:
         self._inner = tenacity.wait_random_exponential(multiplier=initial, max=maximum)
         self._deadline = deadline
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        if _testing:
+        asked = _retry_after(retry_state)
+        if _testing and asked is None:
             return 0.0
         elapsed = retry_state.seconds_since_start or 0.0
-        asked = _retry_after(retry_state)
         wait = self._inner(retry_state) if asked is None else asked
         return max(0.0, min(wait, self._deadline - elapsed))
 

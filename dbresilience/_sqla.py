@@ -8,13 +8,33 @@ change there fails loudly in our tests instead of silently in an application.
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
-__all__ = ["MINIMUM", "check_version", "reapply_characteristics"]
+__all__ = [
+    "MINIMUM",
+    "asyncpg_adapter_transaction",
+    "check_version",
+    "checkin_failed",
+    "fairy_of_context",
+    "finalize_callbacks",
+    "invalidate_older",
+    "invoke_creator",
+    "on_recreate",
+    "pool_creator",
+    "reapply_characteristics",
+    "record_of",
+    "set_pool_creator",
+    "wrap_do_get",
+]
 
 #: The oldest SQLAlchemy dbresilience supports (``async_creator``; CI tests it).
 MINIMUM = (2, 0, 16)
@@ -38,6 +58,76 @@ def check_version(version: str = sqlalchemy.__version__) -> None:
         )
 
 
+# -- the pool ---------------------------------------------------------------------------------
+
+
+def pool_creator(pool: Pool) -> Any:
+    """The creator the pool was given (``Pool._creator``)."""
+    return pool._creator
+
+
+def invoke_creator(pool: Pool) -> Callable[[ConnectionPoolEntry | None], DBAPIConnection]:
+    """Make a new DBAPI connection the way ``pool`` does, outside it
+    (``Pool._invoke_creator``: the creator adapted to take the connection record)."""
+    return pool._invoke_creator  # type: ignore[return-value]
+
+
+def set_pool_creator(pool: Pool, creator: Callable[..., DBAPIConnection]) -> None:
+    """Replace the pool's creator (the ``Pool._creator`` setter also re-derives
+    ``_invoke_creator``; ``Pool.recreate()`` hands it on to the new pool)."""
+    pool._creator = creator
+
+
+def wrap_do_get(pool: Pool, wrapper: Callable[[Callable[[], ConnectionPoolEntry]], Any]) -> None:
+    """Route ``Pool._do_get`` (take a record from the queue, or make one) through
+    ``wrapper(original_do_get)`` - a partial: no extra Python frame per checkout."""
+    pool._do_get = functools.partial(wrapper, pool._do_get)  # type: ignore[method-assign]
+
+
+def on_recreate(pool: Pool, callback: Callable[[Pool], None]) -> None:
+    """Call ``callback(new_pool)`` for the pools ``pool.recreate()`` makes (``dispose()``)."""
+    recreate = pool.recreate
+
+    def _recreate() -> Pool:
+        new = recreate()
+        callback(new)
+        return new
+
+    pool.recreate = _recreate  # type: ignore[method-assign]
+
+
+def checkin_failed(record: ConnectionPoolEntry, exc: BaseException) -> None:
+    """Give ``record`` back to its pool after a failed checkout
+    (``_ConnectionRecord._checkin_failed``)."""
+    record._checkin_failed(exc, _fairy_was_created=False)  # type: ignore[attr-defined]
+
+
+def invalidate_older(pool: Pool, context: Any, exc: BaseException) -> None:
+    """Invalidate the pool's connections older than the execution's one, as SQLAlchemy does
+    for a disconnect (``Pool._invalidate``)."""
+    pool._invalidate(fairy_of_context(context), exc, _checkin=False)
+
+
+# -- one execution ---------------------------------------------------------------------------
+
+#: The pool's proxy (``_ConnectionFairy``) of an execution context's connection
+#: (``DefaultExecutionContext._dbapi_connection``). An attrgetter: read on every statement.
+fairy_of_context: Callable[[Any], Any] = operator.attrgetter("_dbapi_connection")
+
+#: The transaction SQLAlchemy's asyncpg adapter opened (``AsyncAdapt_asyncpg_connection.
+#: _transaction``; ``None`` outside one): read before every statement.
+asyncpg_adapter_transaction: Callable[[Any], Any] = operator.attrgetter("_transaction")
+
+#: The ``_ConnectionRecord`` behind a pool proxy (``None`` once detached).
+record_of: Callable[[Any], Any] = operator.attrgetter("_connection_record")
+
+
+def finalize_callbacks(record: Any) -> Any:
+    """What SQLAlchemy runs when the record's connection is checked in (the reset of the
+    characteristics set for this checkout): ``_ConnectionRecord.finalize_callback``, a deque."""
+    return record.finalize_callback
+
+
 def reapply_characteristics(connection: Any, dbapi_connection: Any) -> None:
     """Set the ``connection``'s characteristics (isolation level, read-only...: execution
     options) on ``dbapi_connection``, a new DBAPI connection swapped in under it.
@@ -46,7 +136,7 @@ def reapply_characteristics(connection: Any, dbapi_connection: Any) -> None:
     characteristic had ``set_characteristic`` only.
     """
     dialect = connection.dialect
-    options = connection._execution_options
+    options = connection.get_execution_options()
     characteristics = dialect.connection_characteristics
     for name in set(characteristics).intersection(options):
         characteristic = characteristics[name]

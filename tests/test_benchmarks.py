@@ -45,5 +45,5 @@ def test_bytecode_counter_runs_and_sees_the_hooks() -> None:
     summary = _summary("count_bytecodes.py", "--ops", "20")
     assert summary["resilient"] > summary["plain"] > 0
     # Every op passes through the statement guard and the pool wrapper.
-    assert summary["diff"]["dbresilience/_engine_hooks.py:guarded"] > 0
-    assert summary["diff"]["dbresilience/_engine_hooks.py:_do_get"] > 0
+    assert summary["diff"]["dbresilience/_hooks/statements.py:guarded"] > 0
+    assert summary["diff"]["dbresilience/_hooks/liveness.py:vetted"] > 0

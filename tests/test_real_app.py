@@ -10,6 +10,7 @@ by an open breaker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import socket
@@ -662,3 +663,228 @@ def test_commit_check_connection_closed_when_cancelled(pg: PostgresCluster) -> N
     while pg.execute(checking) != [(0,)] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert pg.execute(checking) == [(0,)], "the checking connection was left open"
+
+
+# -- after a restart: a crash may hand the lost transaction's xid out again --------------------
+
+
+def test_commit_check_after_a_crash_never_trusts_a_reused_xid() -> None:
+    # Production-like durability: WAL reaches the disk at COMMIT, not every 200 ms; so a crash
+    # loses a transaction still running its COMMIT triggers, and its xid is handed out again.
+    settings = {"synchronous_commit": "on", "wal_writer_delay": "10000ms"}
+    with PostgresCluster(settings=settings) as pg, ChaosProxy(pg.host, pg.port) as proxy:
+        _crash_during_commit_then_reuse(pg, proxy)
+
+
+def _crash_during_commit_then_reuse(pg: PostgresCluster, proxy: ChaosProxy) -> None:
+    pg.execute("create table orders (id int primary key)")
+    pg.execute("create table other (id serial)")
+    pg.execute(
+        "create function slow() returns trigger language plpgsql as "
+        "$$ begin perform pg_sleep(3); return null; end $$"
+    )
+    pg.execute(
+        "create constraint trigger slow after insert on orders deferrable initially deferred "
+        "for each row execute function slow()"
+    )
+    engine = create_resilient_engine(
+        pg.url(port=proxy.port), policy=Policy(commit_check_timeout=20, attempts=1)
+    )
+    xids: dict[str, int] = {}
+
+    def crash_then_reuse() -> None:
+        time.sleep(1.0)  # COMMIT is running the deferred trigger
+        proxy.refuse()  # the commit check waits until the xid has been handed out again
+        pg.stop("immediate")
+        pg.start()
+        with psycopg.connect(host=pg.host, port=pg.port, user="postgres", autocommit=True) as c:
+            for _ in range(100):
+                with c.transaction():
+                    c.execute("insert into other default values")
+                    row = c.execute("select pg_current_xact_id()::text").fetchone()
+                assert row is not None
+                if int(row[0]) >= xids["ours"]:
+                    xids["reused"] = int(row[0])
+                    break
+        proxy.passthrough()
+
+    def order(conn: Connection) -> None:
+        conn.execute(text("insert into orders values (1)"))
+        xids["ours"] = int(conn.execute(text("select pg_current_xact_id()::text")).scalar_one())
+
+    faults = threading.Thread(target=crash_then_reuse)
+    faults.start()
+    with pytest.raises(dbresilience.CommitOutcomeUnknown):
+        run_transaction(engine, order)
+    faults.join()
+    assert xids.get("reused") == xids["ours"]  # the same xid committed another transaction
+    assert pg.execute("select count(*) from orders") == [(0,)]
+    assert get_stats(engine)["commit.unknown"] == 1
+    engine.dispose()
+
+
+def test_commit_check_after_a_clean_restart_still_verifies(
+    pg: PostgresCluster, proxy: ChaosProxy
+) -> None:
+    pg.execute("create table orders (id int primary key)")
+    engine = create_resilient_engine(
+        pg.url(port=proxy.port), policy=Policy(commit_check_timeout=20)
+    )
+
+    def restart_cleanly() -> None:
+        time.sleep(0.5)
+        pg.restart()  # fast shutdown: everything committed is on disk, no xid handed out again
+        proxy.passthrough()
+
+    with engine.connect() as conn:
+        conn.execute(text("insert into orders values (1)"))
+        proxy.close_after(match=b"COMMIT")  # committed; the reply is lost
+        proxy.refuse()
+        restart = threading.Thread(target=restart_cleanly)
+        restart.start()
+        conn.commit()  # verified after the restart: committed
+        restart.join()
+    assert pg.execute("select count(*) from orders") == [(1,)]
+    assert get_stats(engine)["commit.committed"] == 1
+    engine.dispose()
+
+
+# -- the application's own exceptions raised inside SQLAlchemy's execution -----------------------
+
+
+def test_app_exception_from_a_type_decorator_is_not_retried(shared_pg: PostgresCluster) -> None:
+    from sqlalchemy import bindparam
+    from sqlalchemy.types import String, TypeDecorator
+
+    class Encrypted(TypeDecorator[str]):
+        impl = String
+        cache_ok = True
+
+        def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+            raise ConnectionRefusedError(111, "key service refused")  # e.g. a KMS call
+
+    engine = create_resilient_engine(shared_pg.url(), pool_size=3)
+    with engine.connect() as conn:  # a pooled connection that must survive
+        conn.execute(text("select 1"))
+    calls = []
+
+    def unit(conn: Connection) -> None:
+        calls.append(1)
+        conn.execute(
+            text("select :v").bindparams(bindparam("v", type_=Encrypted())), {"v": "secret"}
+        )
+
+    with pytest.raises(exc.StatementError) as info:
+        run_transaction(engine, unit)
+    assert isinstance(info.value.orig, ConnectionRefusedError)
+    assert not isinstance(info.value, dbresilience.ResilienceError)
+    assert len(calls) == 1
+    engine.dispose()
+
+
+def test_app_exception_from_a_cursor_listener_is_not_retried(shared_pg: PostgresCluster) -> None:
+    engine = create_resilient_engine(shared_pg.url(), pool_size=3)
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def audit(*args: Any) -> None:
+        raise TimeoutError("audit service: read timed out")
+
+    calls = []
+
+    def unit(conn: Connection) -> None:
+        calls.append(1)
+        conn.execute(text("select 1"))
+
+    with pytest.raises(TimeoutError, match="audit service"):
+        run_transaction(engine, unit)
+    assert len(calls) == 1
+    stats = get_stats(engine)
+    assert "error.disconnect" not in stats and "dead.replaced" not in stats
+    assert engine.pool.checkedin() >= 1  # the pool was not thrown away
+    engine.dispose()
+
+
+def test_creators_own_error_propagates_unchanged(shared_pg: PostgresCluster) -> None:
+    def creator() -> Any:
+        raise KeyError("DB_PASSWORD")
+
+    engine = create_resilient_engine("postgresql+psycopg://", creator=creator)
+    with pytest.raises(KeyError) as info:
+        engine.connect()
+    assert info.value.__cause__ is not info.value
+    engine.dispose()
+
+
+# -- the breaker across fork and testing ----------------------------------------------------------
+
+
+def _child_connects(engine: Engine, conn: Any) -> None:
+    try:
+        engine.dispose(close=False)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 8:
+            try:
+                with engine.connect() as c:
+                    c.execute(text("select 1"))
+                conn.send(("ok", time.monotonic() - t0))
+                return
+            except Exception:
+                time.sleep(0.05)
+        conn.send(("never", time.monotonic() - t0))
+    finally:
+        conn.close()
+
+
+def test_fork_while_a_breaker_probe_is_in_flight(pg: PostgresCluster, proxy: ChaosProxy) -> None:
+    policy = Policy(breaker_failures=1, breaker_min_duration=0.0, connect_deadline=0.5)
+    engine = create_resilient_engine(pg.url(port=proxy.port), policy=policy)
+    breaker = dbresilience._engine_hooks.resilience_of(engine).breaker
+    assert breaker is not None
+    proxy.refuse()
+    with pytest.raises(dbresilience.DatabaseUnavailable):
+        engine.connect()
+    proxy.blackhole()  # the next probe hangs in its connect
+    def probe() -> None:  # hangs, then fails or (once the proxy passes again) succeeds
+        with contextlib.suppress(Exception):
+            engine.connect().close()
+
+    prober = threading.Thread(target=probe)
+    time.sleep(0.3)  # past the next probe slot
+    prober.start()
+    time.sleep(0.3)
+    assert breaker.state == "half-open"  # its probe is in flight
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child = ctx.Process(target=_child_connects, args=(engine, child_end))
+        child.start()
+    proxy.passthrough()
+    try:
+        assert parent_end.poll(15)
+        outcome, took = parent_end.recv()
+    finally:
+        child.join(10)
+        prober.join(10)
+    assert outcome == "ok", (outcome, took)  # the parent's probe does not hold the child's
+    engine.dispose()
+
+
+def test_set_testing_does_not_spin_against_a_server_that_is_down() -> None:
+    from dbresilience.testing import free_port
+
+    engine = create_resilient_engine(
+        f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/postgres",
+        policy=Policy(breaker_failures=1, breaker_min_duration=0.0, deadline=2.0),
+    )
+    t0 = time.process_time()
+    with dbresilience.set_testing(True), pytest.raises(dbresilience.DatabaseUnavailable):
+        run_transaction(engine, lambda c: None)
+    cpu = time.process_time() - t0
+    fail_fast = get_stats(engine).get("breaker.fail_fast", 0)
+    # Paced by the breaker's probe slots (<= 0.25 s apart), not a busy loop.
+    assert fail_fast < 200, fail_fast
+    assert cpu < 1.0, cpu
+    engine.dispose()

@@ -1,0 +1,128 @@
+"""One engine's resilience state, and the watchdog-bounded calls every hook uses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.util import await_only
+
+from dbresilience._circuit_breaker import CircuitBreaker
+from dbresilience._drivers import Driver, driver_for
+from dbresilience._observability import Stats, logger
+from dbresilience._policy import Policy
+from dbresilience._redaction import mask_url
+from dbresilience._watchdog import watchdog
+
+__all__ = ["CUT_OFF", "DURING_COMMIT", "FROM_DRIVER", "EngineResilience", "during_commit"]
+
+# Marks set on an exception by the hook that saw it come out of the driver, read by the
+# handle_error hook (which sees the application's own exceptions too, e.g. from a
+# TypeDecorator or a before_cursor_execute listener: those are left alone).
+FROM_DRIVER = "_dbresilience_from_driver"  # raised by a driver call
+CUT_OFF = "_dbresilience_cut_off"  # the Position of a statement the watchdog cut off
+DURING_COMMIT = "_dbresilience_during_commit"  # raised by COMMIT
+
+
+def during_commit(exc: BaseException) -> bool:
+    """True when ``exc`` (or the driver error it wraps) was raised by COMMIT."""
+    orig = getattr(exc, "orig", None)
+    return bool(getattr(exc, DURING_COMMIT, False) or getattr(orig, DURING_COMMIT, False))
+
+
+class EngineResilience:
+    """Per-engine state: policy, driver, stats, breaker, bounded calls. One per engine."""
+
+    def __init__(self, engine: Engine, policy: Policy) -> None:
+        self.policy = policy
+        self.driver: Driver = driver_for(engine.dialect.driver)
+        self.name = mask_url(engine.url)
+        self.stats = Stats(self.name)
+        self.is_async = bool(engine.dialect.is_async)
+        self.engine_ref = weakref.ref(engine)
+        self.breaker: CircuitBreaker | None = None
+        if policy.circuit_breaker:
+            self.breaker = CircuitBreaker(
+                failures=policy.breaker_failures,
+                min_duration=policy.breaker_min_duration,
+                probe_wait_initial=policy.connect_wait_initial,
+                probe_wait_max=policy.connect_wait_max,
+            )
+        # Seconds the watchdog gives each blocking driver call (0: not needed / turned off).
+        self.call_bound = policy.command_timeout if self.driver.needs_watchdog else 0.0
+        self.armed = watchdog.armed  # hot paths arm inline: armed[conn] = (deadline, self)
+        # Calls the watchdog cut off -> when (monotonic s); popped by the statement guard.
+        self.cut: dict[Any, float] = {}
+        if self.call_bound:
+            watchdog.start()
+
+    def after_fork_in_child(self) -> None:
+        """Locks held by a thread of the parent at ``fork()`` would never be released."""
+        self.stats.reset_lock()
+        if self.breaker is not None:
+            self.breaker.after_fork_in_child()
+        self.cut.clear()
+
+    # -- bounded calls -------------------------------------------------------------------------
+
+    def arm(self, dbapi_conn: Any, seconds: float | None = None) -> Any:
+        """Start the watchdog on a blocking call on ``dbapi_conn`` (for ``seconds``, default
+        ``command_timeout``); pass the result to :meth:`disarm` in a ``finally``."""
+        bound = self.call_bound if seconds is None else seconds
+        if not bound:
+            return None
+        raw = getattr(dbapi_conn, "dbapi_connection", dbapi_conn)  # unwrap the pool proxy
+        watchdog.arm(bound, raw, self)
+        return raw
+
+    def disarm(self, armed: Any) -> bool:
+        """Stop watching the call :meth:`arm` armed; True when the watchdog had cut it off."""
+        if armed is None:
+            return False
+        watchdog.disarm(armed)
+        return bool(self.cut) and self.cut.pop(armed, None) is not None
+
+    def fileno(self, connection: Any) -> int:
+        """The socket of one of this engine's DBAPI connections, or of the pool's proxy of
+        one (for the watchdog)."""
+        return self.driver.fileno(getattr(connection, "dbapi_connection", connection))
+
+    def cutting(self, connection: Any) -> Callable[[], None] | None:
+        """The watchdog is about to cut the call on ``connection`` off: remember it, so that
+        the statement is reported as cut (never replayed), and return its cancel request."""
+        now = time.monotonic()
+        cut = self.cut
+        if len(cut) > 64:  # marks of calls that returned anyway
+            for key, when in list(cut.items()):
+                if now - when > 60.0:
+                    cut.pop(key, None)
+        cut[connection] = now
+        self.stats.incr("watchdog.fired")  # before the caller wakes up and looks
+        raw = getattr(connection, "dbapi_connection", connection)
+        return self.driver.canceller(raw, timeout=min(self.policy.connect_timeout, 5.0))
+
+    def overran(self) -> None:
+        """The watchdog shut a connection down: log it."""
+        logger.warning(
+            "no answer from the server within command_timeout=%.1fs: connection shut down and "
+            "a cancel request sent, engine=%s",
+            self.call_bound,
+            self.name,
+        )
+
+    def abort(self, dbapi_conn: Any) -> None:
+        """Close a DBAPI connection at once, without I/O (safe in a cancelled task)."""
+        with contextlib.suppress(Exception):
+            self.driver.abort(dbapi_conn)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep without blocking an event loop when the engine is async (greenlet context)."""
+        if self.is_async:
+            await_only(asyncio.sleep(seconds))
+        else:
+            time.sleep(seconds)

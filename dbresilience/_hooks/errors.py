@@ -1,0 +1,124 @@
+"""The ``handle_error`` listener: SQLAlchemy's exceptions re-raised as ours when classified.
+
+Only failures that came out of the driver are classified (a DBAPI error, or an exception the
+other hooks marked as raised by a driver call: asyncpg lets bare ``OSError`` /
+``TimeoutError`` escape). The application's own exceptions that SQLAlchemy reports here too
+(a ``TypeDecorator``'s, a ``before_cursor_execute`` listener's) pass through untouched.
+
+What the other hooks marked decides what is known:
+
+* cut off by ``command_timeout`` (never replayed): :class:`StatementTimeout`, saying whether
+  the transaction is known not to have committed (autocommit: the outcome is unknown);
+* raised by COMMIT on a dead connection: the commit check's verdict; verified aborted is a
+  retryable disconnect (a timeout when ``command_timeout`` cut it off), anything else
+  :class:`CommitOutcomeUnknown`;
+* 25006 (read-only transaction) from a server that was in recovery when the connection was
+  made (a standby, a demoted primary): :class:`DatabaseUnavailable`, a failover signal; from a
+  primary it is the application's (a read-only role).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine.interfaces import ExceptionContext
+
+from dbresilience._classification import Classification, ErrorKind, classify
+from dbresilience._commit_outcome import IN_RECOVERY_KEY, CommitOutcome, verdict_of
+from dbresilience._drivers import Position
+from dbresilience._errors import error_from, wrap
+from dbresilience._hooks._state import CUT_OFF, FROM_DRIVER, EngineResilience, during_commit
+
+__all__ = ["ErrorHook"]
+
+
+class ErrorHook:
+    """``handle_error`` listener of one engine."""
+
+    def __init__(self, state: EngineResilience) -> None:
+        self.state = state
+
+    def __call__(self, ctx: ExceptionContext) -> BaseException | None:
+        if ctx.is_pre_ping:
+            return None
+        original = ctx.original_exception
+        dbapi_error = getattr(ctx.dialect.loaded_dbapi, "Error", ())
+        if not (isinstance(original, dbapi_error) or getattr(original, FROM_DRIVER, False)):
+            return None  # the application's own exception, raised inside SQLAlchemy
+        cut_at = getattr(original, CUT_OFF, None)
+        cut = isinstance(cut_at, Position)
+        found = classify(original)
+        if during_commit(original) and found.connection_unusable:
+            found = self._commit_failure(original, found, cut)
+        elif cut:
+            found = self._cut_off(cut_at)  # type: ignore[arg-type]
+        else:
+            if found.sqlstate == "25006" and self._in_recovery(ctx):
+                # Read-only because the server is a standby (or a demoted primary): failover.
+                found = Classification(
+                    ErrorKind.UNAVAILABLE, "25006", "read-only: server in recovery"
+                )
+            found = self.state.driver.refine(original, found)
+            if found.kind is ErrorKind.APPLICATION and ctx.is_disconnect:
+                # The dialect saw the connection closed/broken although we know no rule for
+                # this error's text: trust it, the connection is gone.
+                reason = f"dialect reports a disconnect ({found.reason})"
+                found = Classification(ErrorKind.DISCONNECT, found.sqlstate, reason)
+        if found.kind is ErrorKind.APPLICATION:
+            return None
+        if found.connection_unusable or cut:
+            ctx.is_disconnect = True
+        self.state.stats.incr(f"error.{found.kind.value}")
+        sa_error = ctx.sqlalchemy_exception
+        if isinstance(sa_error, sa_exc.DBAPIError):
+            error = wrap(sa_error, found, connection_invalidated=ctx.is_disconnect)
+        elif isinstance(original, Exception) and not isinstance(
+            original, sa_exc.SQLAlchemyError
+        ):
+            # Not a DBAPI error, so SQLAlchemy did not wrap it (asyncpg's TimeoutError...).
+            error = error_from(
+                original, found, statement=ctx.statement, connection_invalidated=ctx.is_disconnect
+            )
+        else:
+            return None
+        if cut:
+            error.add_detail(f"dbresilience: {found.reason}")
+        return error
+
+    def _cut_off(self, position: Position) -> Classification:
+        if position is Position.AUTOCOMMIT:
+            outcome = "in autocommit mode it may have completed: its outcome is unknown"
+        else:
+            outcome = "the transaction did not commit (its connection is closed)"
+        return Classification(
+            ErrorKind.TIMEOUT,
+            None,
+            f"no reply within command_timeout={self.state.call_bound:g}s: the statement was "
+            f"cut off and the server asked to cancel it; it was not run again, and {outcome}",
+        )
+
+    def _commit_failure(
+        self, original: BaseException, found: Classification, cut: bool
+    ) -> Classification:
+        how = (
+            f"COMMIT cut off by command_timeout={self.state.call_bound:g}s"
+            if cut
+            else "connection lost during COMMIT"
+        )
+        if verdict_of(original) is CommitOutcome.ABORTED:
+            # Verified not committed: retryable, unless it was too slow (a timeout, as for a
+            # statement: running it again would only be as slow).
+            kind = ErrorKind.TIMEOUT if cut else ErrorKind.DISCONNECT
+            return Classification(
+                kind, found.sqlstate, f"{how}; verified not committed ({found.reason})"
+            )
+        return Classification(
+            ErrorKind.COMMIT_OUTCOME_UNKNOWN, found.sqlstate, f"{how} ({found.reason})"
+        )
+
+    @staticmethod
+    def _in_recovery(ctx: ExceptionContext) -> bool:
+        """Was the connection's server in recovery (a standby) when it connected?"""
+        connection = ctx.connection
+        if connection is None or connection.invalidated:
+            return False
+        return bool(connection.info.get(IN_RECOVERY_KEY))
