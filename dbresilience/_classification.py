@@ -222,8 +222,21 @@ def _from_os_error(exc: OSError) -> Classification:
     return Classification(ErrorKind.UNAVAILABLE, None, f"os error {exc.errno}")
 
 
+# Server messages whose SQLSTATE some driver versions drop (psycopg 3.1 reports a FATAL that
+# arrives with the connection's end as a plain OperationalError, with only the text).
+_MESSAGE_SQLSTATES: tuple[tuple[str, str], ...] = (
+    ("terminating connection due to administrator command", "57P01"),
+    ("terminating connection due to crash of another server process", "57P02"),
+    ("terminating connection due to idle-in-transaction timeout", "25P03"),
+    ("terminating connection due to idle-session timeout", "57P05"),
+)
+
+
 def _from_message(message: str) -> Classification | None:
     lowered = message.lower()
+    for needle, sqlstate in _MESSAGE_SQLSTATES:
+        if needle in lowered:
+            return _from_sqlstate(sqlstate, message)
     for needle, kind in _MESSAGES:
         if needle in lowered:
             return Classification(kind, None, needle)

@@ -96,6 +96,12 @@ def assert_round_trips(
         assert isinstance(copy, theirs)
 
 
+def _sqlalchemy_keeps_asyncpg_errors() -> bool:
+    import sqlalchemy
+
+    return tuple(int(p) for p in sqlalchemy.__version__.split(".")[:3]) >= (2, 0, 30)
+
+
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_disconnect_error(shared_pg: PostgresCluster, driver: str) -> None:
     # The second statement of the transaction: lost with it, never replayed.
@@ -105,8 +111,11 @@ def test_disconnect_error(shared_pg: PostgresCluster, driver: str) -> None:
     if driver == "asyncpg":  # .orig is SQLAlchemy's emulated DBAPI error, holding asyncpg's
         asyncpg_error = getattr(error.orig, "orig", None)
         copied = getattr(pickle.loads(pickle.dumps(error)).orig, "orig", None)
-        assert type(asyncpg_error).__module__ == "asyncpg.exceptions"
-        assert type(copied) is type(asyncpg_error) and str(copied) == str(asyncpg_error)
+        # SQLAlchemy's adapter keeps asyncpg's exception as .orig (not in 2.0.16, the oldest
+        # we support: there it is only the __cause__, which pickling drops for any exception).
+        if asyncpg_error is not None or _sqlalchemy_keeps_asyncpg_errors():
+            assert type(asyncpg_error).__module__.startswith("asyncpg")
+            assert type(copied) is type(asyncpg_error) and str(copied) == str(asyncpg_error)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
