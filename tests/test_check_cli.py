@@ -4,6 +4,8 @@ black-holed, multi-host, malformed URLs; the password never appears in any outpu
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 from _support import SCRAM_ROLE, SCRAM_SECRET
 
 from dbresilience._engine import parse_url
-from dbresilience.cli import _check, main
+from dbresilience.cli import _check, _check_advice, main
 from dbresilience.testing import ChaosProxy, PostgresCluster, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -232,22 +234,22 @@ def test_tls_warnings_for_a_non_local_host() -> None:
     result = _check.CheckResult(
         url="", driver="psycopg", timeout=5, hosts=[plain], settings=[], warnings=[]
     )
-    (warning,) = _check._warnings(url, "psycopg", result, [])
+    (warning,) = _check_advice.warnings_for(url, "psycopg", result, [])
     assert warning.startswith("no TLS to non-local host db.example.com:5432")
 
     plain.tls = True
-    (warning,) = _check._warnings(url, "psycopg", result, [])
+    (warning,) = _check_advice.warnings_for(url, "psycopg", result, [])
     assert warning.startswith("sslmode=prefer to db.example.com:5432")
 
     url = parse_url("postgresql://app@db.example.com/app?connect_timeout=5&sslmode=disable")
     plain.tls = False
-    (warning,) = _check._warnings(url, "psycopg", result, [])
+    (warning,) = _check_advice.warnings_for(url, "psycopg", result, [])
     assert warning.startswith("sslmode=disable to non-local host")
 
     local = _check.HostCheck(host="localhost", port=5432, addresses=["127.0.0.1", "::1"])
     local.tls = False
     result.hosts = [local]
-    assert _check._warnings(url, "psycopg", result, []) == []
+    assert _check_advice.warnings_for(url, "psycopg", result, []) == []
 
 
 def test_help_lists_check(capsys: pytest.CaptureFixture[str]) -> None:
@@ -255,3 +257,17 @@ def test_help_lists_check(capsys: pytest.CaptureFixture[str]) -> None:
     assert "check" in capsys.readouterr().out
     assert main(["check", "--help"]) == 0
     assert "--timeout" in capsys.readouterr().out
+
+
+def test_json_needs_no_rich(shared_pg: PostgresCluster) -> None:
+    code = (
+        "import sys; sys.modules['rich'] = None\n"  # as if rich were not installed
+        "from dbresilience.cli import main\n"
+        f"sys.exit(main(['check', '--json', {shared_pg.url()!r}]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["hosts"][0]["role"] == "primary"
+    assert "rich" not in done.stderr

@@ -113,15 +113,14 @@ def _run_check(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    missing = [m for m in ("rich", "psycopg") if importlib.util.find_spec(m) is None]
+    needed = ("psycopg",) if args.json else ("rich", "psycopg")  # --json needs no rich
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         print(
             f"dbresilience check needs {', '.join(missing)}: pip install 'dbresilience[demo]'",
             file=sys.stderr,
         )
         return 1
-
-    from rich.console import Console
 
     from dbresilience._errors import ConfigurationError
     from dbresilience.cli import _check
@@ -134,7 +133,11 @@ def _run_check(args: argparse.Namespace) -> int:
     if args.json:
         _check.print_json(result)
     else:
-        _check.print_result(result, Console(highlight=False))
+        from rich.console import Console
+
+        from dbresilience.cli._check_render import print_result
+
+        print_result(result, Console(highlight=False))
     return _check.exit_code(result)
 
 

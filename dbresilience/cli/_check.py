@@ -8,6 +8,10 @@ the timeout settings :func:`~dbresilience.create_resilient_engine` would use for
 warns about risky ones. Every network step is bounded by ``timeout`` seconds; the password
 never appears in the output.
 
+This module probes (and has no dependency on rich: ``--json`` works without it);
+:mod:`._check_advice` derives the effective settings and the warnings, :mod:`._check_render`
+draws the tables.
+
 Exit codes: 0 when every host is reachable and authentication succeeds, 1 otherwise, 2 for a
 malformed URL.
 """
@@ -26,19 +30,20 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypeVar
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 from sqlalchemy.engine import URL
 
 from dbresilience._classification import ErrorKind, classify
-from dbresilience._drivers import driver_for
-from dbresilience._engine import ASYNC_DRIVERS, SYNC_DRIVERS, parse_url
+from dbresilience._engine import parse_url
 from dbresilience._errors import ConfigurationError
-from dbresilience._policy import Policy
 from dbresilience._redaction import mask_url, redact
+from dbresilience.cli._check_advice import (
+    ASYNCPG_SSL,
+    effective_settings,
+    query_value,
+    warnings_for,
+)
 
-__all__ = ["CheckResult", "HostCheck", "Setting", "exit_code", "print_result", "run_check"]
+__all__ = ["CheckResult", "HostCheck", "Setting", "exit_code", "print_json", "run_check"]
 
 _T = TypeVar("_T")
 Role = Literal["primary", "standby"]
@@ -46,20 +51,10 @@ HostKind = Literal["tcp", "unix", "default"]
 
 DEFAULT_PORT = 5432
 _LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
-_NETWORK_OPTIONS = (
-    ("connect_timeout", "s"),
-    ("keepalives", ""),
-    ("keepalives_idle", "s"),
-    ("keepalives_interval", "s"),
-    ("keepalives_count", ""),
-    ("tcp_user_timeout", "ms"),
-)
 # Options the check sets itself per host, or that would make it skip hosts.
 _OWN_OPTIONS = frozenset(
     {"host", "hostaddr", "port", "connect_timeout", "target_session_attrs", "load_balance_hosts"}
 )
-_ASYNCPG_SSL = {"true": "require", "false": "disable"}
-_MAX_CONNECT_TIMEOUT = 30  # seconds; more in the URL is flagged as over-large
 _MAX_MESSAGE = 200
 
 
@@ -252,13 +247,6 @@ def hosts_of(url: URL) -> list[HostCheck]:
     return checks
 
 
-def _query_value(url: URL, name: str) -> str | None:
-    value = url.query.get(name)
-    if value is None:
-        return None
-    return value if isinstance(value, str) else value[-1]
-
-
 def _libpq_options() -> frozenset[str]:
     from psycopg import pq
 
@@ -271,11 +259,11 @@ def _connect_options(url: URL, driver: str) -> tuple[dict[str, str], list[str]]:
     options: dict[str, str] = {}
     ignored: list[str] = []
     for name in url.query:
-        value = _query_value(url, name)
+        value = query_value(url, name)
         if value is None or name in _OWN_OPTIONS:
             continue
         if driver == "asyncpg" and name == "ssl":
-            options["sslmode"] = _ASYNCPG_SSL.get(value.lower(), value)
+            options["sslmode"] = ASYNCPG_SSL.get(value.lower(), value)
         elif name in known:
             options[name] = value
         else:
@@ -395,88 +383,6 @@ def _check_host(check: HostCheck, url: URL, options: dict[str, str], timeout: fl
     check.latency = latency
 
 
-def effective_settings(url: URL) -> list[Setting]:
-    """Network settings a resilient engine uses for ``url``: the URL's own, else Policy's."""
-    from_url = {name: _query_value(url, name) for name, _ in _NETWORK_OPTIONS}
-    cparams: dict[str, Any] = {k: v for k, v in from_url.items() if v is not None}
-    driver_for("psycopg").apply_network_defaults(cparams, Policy())
-    return [
-        Setting(
-            name=name,
-            value=str(cparams.get(name)),
-            unit=unit,
-            source="url" if from_url[name] is not None else "policy",
-        )
-        for name, unit in _NETWORK_OPTIONS
-    ]
-
-
-def _warnings(url: URL, driver: str, result: CheckResult, ignored: list[str]) -> list[str]:
-    out: list[str] = []
-    if driver not in SYNC_DRIVERS + ASYNC_DRIVERS:
-        out.append(
-            f"driver {driver!r} is not supported by dbresilience: use postgresql+psycopg:// "
-            "or postgresql+asyncpg:// (this check used psycopg)"
-        )
-    out.extend(
-        f"URL option {name!r} is not a libpq option; this check ignored it" for name in ignored
-    )
-    sslmode = (_query_value(url, "sslmode") or "").lower()
-    if driver == "asyncpg" and "ssl" in url.query:
-        sslmode = _ASYNCPG_SSL.get((_query_value(url, "ssl") or "").lower(), "")
-    for check in result.hosts:
-        if check.local:
-            continue
-        where = check.label
-        if sslmode == "disable":
-            out.append(f"sslmode=disable to non-local host {where}: traffic is unencrypted")
-        elif check.tls is False:
-            out.append(
-                f"no TLS to non-local host {where}: the password and data cross the network "
-                "unencrypted; set sslmode=verify-full (or require)"
-            )
-        elif check.tls and sslmode in ("", "prefer", "allow"):
-            out.append(
-                f"sslmode={sslmode or 'prefer'} to {where}: TLS is not required, an attacker "
-                "can downgrade it; set sslmode=verify-full (or require)"
-            )
-    if _query_value(url, "keepalives") == "0":
-        out.append(
-            "keepalives=0 in the URL: a connection whose peer vanished silently is noticed only "
-            "when the kernel gives up retransmitting (many minutes)"
-        )
-    if _query_value(url, "tcp_user_timeout") == "0":
-        out.append("tcp_user_timeout=0 in the URL: unacknowledged data may wait for minutes")
-    default_timeout = Policy().connect_timeout
-    connect_timeout = _query_value(url, "connect_timeout")
-    if connect_timeout is None:
-        out.append(
-            "connect_timeout is not set in the URL: a plain create_engine() waits as long as "
-            f"the OS does for an unreachable host (create_resilient_engine() uses "
-            f"{default_timeout:g} s)"
-        )
-    else:
-        try:
-            seconds = float(connect_timeout)
-        except ValueError:
-            out.append(f"connect_timeout={connect_timeout!r} in the URL is not a number")
-        else:
-            if seconds <= 0 or seconds > _MAX_CONNECT_TIMEOUT:
-                what = "waits forever" if seconds <= 0 else f"waits {seconds:g} s"
-                out.append(
-                    f"connect_timeout={connect_timeout} in the URL: each connect attempt to an "
-                    f"unreachable host {what} (create_resilient_engine()'s default is "
-                    f"{default_timeout:g} s)"
-                )
-    if any(h.role == "standby" for h in result.hosts) and "target_session_attrs" not in url.query:
-        standbys = ", ".join(h.label for h in result.hosts if h.role == "standby")
-        out.append(
-            f"{standbys}: standby (read-only); writes will fail there. List the primary first "
-            "or set target_session_attrs=read-write"
-        )
-    return out
-
-
 def run_check(url: str | URL, *, timeout: float = 5.0) -> CheckResult:
     """Check every host of ``url``; each network step is bounded by ``timeout`` seconds.
 
@@ -505,73 +411,11 @@ def run_check(url: str | URL, *, timeout: float = 5.0) -> CheckResult:
     )
     for check in hosts:
         _check_host(check, parsed, options, timeout)
-    result.warnings = _warnings(parsed, driver, result, ignored)
+    result.warnings = warnings_for(parsed, driver, result, ignored)
     return result
 
 
-# -- output ----------------------------------------------------------------------------------
-
-
-def _ms(seconds: float | None) -> str:
-    return "" if seconds is None else f"{seconds * 1000:.2f} ms"
-
-
-def _status(ok: bool | None) -> Text:
-    if ok is None:
-        return Text("-", style="dim")
-    return Text("ok", style="green") if ok else Text("failed", style="bold red")
-
-
-def _host_table(check: HostCheck) -> Table:
-    table = Table(title=Text(check.label, style="bold"), title_justify="left", expand=False)
-    table.add_column("step")
-    table.add_column("status")
-    table.add_column("detail", overflow="fold")
-    if check.kind == "tcp":
-        failed_dns = bool(check.error and check.error.startswith("dns:"))
-        dns_ok = False if failed_dns else True if check.addresses else None
-        dns_detail = f"{', '.join(check.addresses)} ({_ms(check.dns_seconds)})"
-        table.add_row("DNS", _status(dns_ok), dns_detail if check.addresses else "")
-        tcp_ok = True if check.tcp_address else False if check.addresses else None
-        tcp_detail = f"{check.tcp_address} in {_ms(check.tcp_latency)}" if tcp_ok else ""
-        table.add_row("TCP", _status(tcp_ok), tcp_detail)
-    else:
-        where = check.host if check.kind == "unix" else "PGHOST or the local socket"
-        table.add_row("socket", _status(None), where or "")
-    tls = "-" if check.tls is None else "on" if check.tls else "off"
-    table.add_row("TLS", Text(tls, style="green" if check.tls else "yellow"), "")
-    table.add_row("auth", _status(None if check.auth is None else check.auth == "ok"), "")
-    if check.server_version is not None:
-        table.add_row("server", _status(True), f"PostgreSQL {check.server_version}, {check.role}")
-    if check.latency is not None:
-        table.add_row("select 1", _status(True), _ms(check.latency))
-    if check.error is not None:
-        table.add_row("error", _status(False), check.error)
-    return table
-
-
-def print_result(result: CheckResult, console: Console) -> None:
-    """Tables per host, the effective settings and warnings, for people."""
-    console.print(Text(f"dbresilience check {result.url}", style="bold"))
-    for check in result.hosts:
-        console.print(_host_table(check))
-    settings = Table(
-        title=Text("network settings of create_resilient_engine()", style="bold"),
-        title_justify="left",
-    )
-    settings.add_column("setting")
-    settings.add_column("value", justify="right")
-    settings.add_column("from")
-    for s in result.settings:
-        value = f"{s.value} {s.unit}".strip()
-        settings.add_row(s.name, value, "URL" if s.source == "url" else "Policy default")
-    console.print(settings)
-    for warning in result.warnings:
-        console.print(Text.assemble(("warning: ", "bold yellow"), warning))
-    if result.ok:
-        console.print(Text("OK: every host reachable and authenticated", style="bold green"))
-    else:
-        console.print(Text("FAILED: see the errors above", style="bold red"))
+# -- machine-readable output (no rich needed) --------------------------------------------
 
 
 def print_json(result: CheckResult) -> None:
