@@ -34,7 +34,14 @@ from typing import Any, NamedTuple, Protocol
 from dbresilience._classification import ErrorKind, classify
 from dbresilience._observability import Stats, logger
 
-__all__ = ["IN_RECOVERY_KEY", "CommitOutcome", "CommitResolver", "connect_budget"]
+__all__ = [
+    "IN_RECOVERY_KEY",
+    "SERVER_PID_KEY",
+    "SYSTEM_ID_KEY",
+    "CommitOutcome",
+    "CommitResolver",
+    "connect_budget",
+]
 
 # One query per new connection: is the server a standby, and which server is it? (On a
 # standby there is no current WAL position: no identity, and commits there cannot be checked.)
@@ -48,7 +55,8 @@ _FACTS_SQL = (
     "then null else pg_walfile_name(pg_current_wal_lsn()) end, "
     "current_setting('server_version_num')::int, "
     "extract(epoch from pg_postmaster_start_time())::float8, "
-    "case when c.checkpoint_time <= pg_postmaster_start_time() then c.next_xid end "
+    "case when c.checkpoint_time <= pg_postmaster_start_time() then c.next_xid end, "
+    "pg_backend_pid() "
     "from pg_control_system(), pg_control_checkpoint() c"
 )
 # The transaction id before COMMIT, and its status later: the xid8 functions of PostgreSQL 13+,
@@ -63,6 +71,10 @@ _IDENTITY_KEY = "dbresilience_server_identity"
 _STARTED_KEY = "dbresilience_server_started"
 #: Connection ``info`` key: True when the server was in recovery (a standby) at connect.
 IN_RECOVERY_KEY = "dbresilience_in_recovery"
+#: Connection ``info`` key: the server's ``pg_backend_pid()`` for this connection.
+SERVER_PID_KEY = "dbresilience_server_pid"
+#: Connection ``info`` key: the cluster's system identifier.
+SYSTEM_ID_KEY = "dbresilience_system_identifier"
 
 #: Seconds a connect may take in the current context (None: the policy's connect_deadline).
 #: Set while a commit check connects; such connects also bypass the circuit breaker.
@@ -88,7 +100,7 @@ class Checker(Protocol):
 
     def arm(self, dbapi_conn: Any, seconds: float | None = None) -> Any: ...
 
-    def disarm(self, armed: Any) -> bool: ...
+    def disarm(self, armed: Any) -> str | None: ...
 
     def sleep(self, seconds: float) -> None: ...
 
@@ -125,10 +137,12 @@ class _Facts(NamedTuple):
     identity: Identity | None  # None on a standby, where there is no current WAL position
     started: float  # the server's start (epoch seconds)
     reused_from: int | None  # xids from this one up may have been handed out again (None: any)
+    server_pid: int  # the backend's own pid (a pooler in between reports another one)
+    system_identifier: str  # the cluster's, standbys included
 
 
 def _facts(dbapi_conn: Any) -> _Facts:
-    in_recovery, sysid, walfile, version, started, next_xid = _row(dbapi_conn, _FACTS_SQL)
+    in_recovery, sysid, walfile, version, started, next_xid, pid = _row(dbapi_conn, _FACTS_SQL)
     identity = None
     if walfile is not None:  # WAL file names start with the timeline, in hex
         identity = (str(sysid), int(str(walfile)[:8], 16), int(version))
@@ -136,7 +150,7 @@ def _facts(dbapi_conn: Any) -> _Facts:
     if next_xid is not None:  # "epoch:xid", as a full 64-bit xid (xid8, txid)
         epoch, _, xid = str(next_xid).partition(":")
         reused_from = (int(epoch) << 32) | int(xid)
-    return _Facts(bool(in_recovery), identity, float(started), reused_from)
+    return _Facts(bool(in_recovery), identity, float(started), reused_from, int(pid), str(sysid))
 
 
 def _sql_for(identity: Identity) -> tuple[str, str]:
@@ -222,6 +236,8 @@ class CommitResolver:
             record.info[IN_RECOVERY_KEY] = facts.in_recovery
             record.info[_IDENTITY_KEY] = facts.identity
             record.info[_STARTED_KEY] = facts.started
+            record.info[SERVER_PID_KEY] = facts.server_pid
+            record.info[SYSTEM_ID_KEY] = facts.system_identifier
 
     def _resolve(
         self, xid: str | None, identity: Identity | None, started: float | None

@@ -62,6 +62,15 @@ class Driver:
         """The socket's descriptor, for the watchdog (drivers without a timeout of their own)."""
         raise NotImplementedError
 
+    def backend_pid(self, dbapi_conn: Any) -> int | None:
+        """The server process id the connection reported at startup (no I/O); behind a
+        pooler it is the pooler's, not a PostgreSQL backend's."""
+        return None
+
+    def address(self, dbapi_conn: Any) -> tuple[str, int]:
+        """The (host, port) the connection reached (no I/O): one hang monitor per address."""
+        raise NotImplementedError
+
     def canceller(self, dbapi_conn: Any, timeout: float) -> Callable[[], None] | None:
         """A function that asks the server to cancel what ``dbapi_conn`` is running.
 
@@ -126,6 +135,14 @@ class _Psycopg(Driver):
     def fileno(self, dbapi_conn: Any) -> int:
         return int(self._pgconn(dbapi_conn).socket)
 
+    def backend_pid(self, dbapi_conn: Any) -> int | None:
+        pid = self._pgconn(dbapi_conn).backend_pid
+        return int(pid) if pid else None
+
+    def address(self, dbapi_conn: Any) -> tuple[str, int]:
+        pgconn = self._pgconn(dbapi_conn)
+        return pgconn.host.decode(), int(pgconn.port.decode() or 5432)
+
     def canceller(self, dbapi_conn: Any, timeout: float) -> Callable[[], None] | None:
         pgconn = self._pgconn(dbapi_conn)
         if _has_cancel_safe():  # libpq 17+: a cancel connection we can bound
@@ -187,6 +204,16 @@ class _Asyncpg(Driver):
         if sock is None:
             raise ConnectionError("connection is closed")
         return int(sock.fileno())
+
+    def backend_pid(self, dbapi_conn: Any) -> int | None:
+        pid = dbapi_conn.driver_connection.get_server_pid()
+        return int(pid) if pid else None
+
+    def address(self, dbapi_conn: Any) -> tuple[str, int]:
+        addr = dbapi_conn.driver_connection._addr
+        if isinstance(addr, str):  # a Unix-domain socket path
+            return addr, 0
+        return str(addr[0]), int(addr[1])
 
     def canceller(self, dbapi_conn: Any, timeout: float) -> Callable[[], None] | None:
         connection = dbapi_conn.driver_connection

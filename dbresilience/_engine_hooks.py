@@ -32,6 +32,7 @@ from dbresilience._hooks._state import EngineResilience
 from dbresilience._hooks.commit import install_commit_and_rollback
 from dbresilience._hooks.connect import Connector
 from dbresilience._hooks.errors import ErrorHook
+from dbresilience._hooks.hangs import HangMonitor
 from dbresilience._hooks.liveness import Liveness
 from dbresilience._hooks.statements import IDEMPOTENT_OPTION, StatementGuard
 from dbresilience._policy import Policy
@@ -92,6 +93,9 @@ def install(engine: Engine | AsyncEngine, policy: Policy | None = None) -> Engin
     StatementGuard(state).install(sync_engine.dialect)
     Liveness(state, connector).hook_pool(sync_engine.pool)
     install_commit_and_rollback(state, sync_engine)
+    if state.policy.hang_threshold and state.call_bound:
+        state.monitor = HangMonitor(state, sync_engine)
+        state.monitor.install(sync_engine)
     _installed[sync_engine.dialect] = state
     return state
 

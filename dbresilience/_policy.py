@@ -53,15 +53,30 @@ class Policy:
     the four settings above are applied to the socket (``SO_KEEPALIVE``, ``TCP_KEEPIDLE``,
     ``TCP_KEEPINTVL``, ``TCP_KEEPCNT``, ``TCP_USER_TIMEOUT``) right after it connects.
 
-    :param command_timeout: client-side bound on each statement, COMMIT and ROLLBACK waiting
-        for the server; it catches what keepalives cannot: a peer that acknowledges but never
-        answers (a frozen server, a stuck proxy, a blackhole behind a proxy). psycopg and
-        asyncpg alike: a watchdog shuts the socket down past it (plus 0.1 s); the call fails
-        with a ``DisconnectError`` (retryable; during COMMIT the outcome is then verified).
-        Default 60 s, above any query a web request should wait for; 0 turns it off.
-        asyncpg's own ``command_timeout`` (``connect_args``) is not set by default: it costs a
-        timer per message; when the application sets it, expiry sends a cancel request and
-        the caller gets :class:`StatementTimeout` (not retried), the connection discarded.
+    Hang detection (the hang monitor, one per engine and server address):
+
+    :param hang_threshold: a call waiting for the server longer than this is looked into,
+        through a separate monitoring connection (never from the app's pool): if the server
+        says that connection's backend is still running the statement or waiting on a lock, it
+        is a slow query and is left alone; if the backend is idle, gone or stuck sending to
+        the client, the link is dead and that connection is aborted at once; if the server
+        does not answer ``hang_probes`` probes of ``hang_probe_timeout`` each, the host is hung:
+        every call in flight to it is aborted and the pool's connections are replaced.
+        Behind a pooler (backend pids are the pooler's) only the host-level probe is made.
+        Default 1 s, so a frozen server or a blackholed link costs seconds, not minutes;
+        0 turns the monitor off.
+    :param hang_probe_timeout: bound of one probe (connect included). Default 0.5 s.
+    :param hang_probes: failed probes in a row before the host is declared hung. Default 2.
+    :param command_timeout: optional hard cap on each statement, COMMIT and ROLLBACK waiting
+        for the server, whatever the hang monitor says: past it a watchdog shuts the socket
+        down and sends a cancel request; the call fails with :class:`StatementTimeout` (never
+        replayed, not retried; during COMMIT the outcome is verified). Default 300 s: hangs are
+        the monitor's job, in seconds; this only bounds what the monitor cannot judge (a single
+        dead link behind a pooler) without cutting legitimate reports and migrations that run
+        for minutes. 0 turns it off. asyncpg's own ``command_timeout`` (``connect_args``) is
+        not set by default: it costs a timer per message; when the application sets it,
+        expiry sends a cancel request and the caller gets :class:`StatementTimeout` (not
+        retried), the connection discarded.
 
     Retrying whole transactions (``run_transaction``):
 
@@ -96,7 +111,10 @@ class Policy:
     keepalives_interval: float = 5.0
     keepalives_count: int = 3
     tcp_user_timeout: float = 30.0
-    command_timeout: float = 60.0
+    command_timeout: float = 300.0
+    hang_threshold: float = 1.0
+    hang_probe_timeout: float = 0.5
+    hang_probes: int = 2
     attempts: int = 10
     deadline: float = 30.0
     wait_initial: float = 0.05
@@ -132,5 +150,7 @@ class Policy:
             raise ValueError("Policy.connect_wait_max must be >= connect_wait_initial")
         if self.wait_max < self.wait_initial:
             raise ValueError("Policy.wait_max must be >= wait_initial")
+        if self.hang_threshold and self.hang_probe_timeout <= 0:
+            raise ValueError("Policy.hang_probe_timeout must be > 0 seconds when hang_threshold is")
         if self.deadline <= 0:
             raise ValueError(f"Policy.deadline must be > 0 seconds, got {self.deadline!r}")

@@ -26,6 +26,7 @@ __all__ = [
     "checkin_failed",
     "fairy_of_context",
     "finalize_callbacks",
+    "invalidate_all",
     "invalidate_older",
     "invoke_creator",
     "on_recreate",
@@ -106,6 +107,12 @@ def invalidate_older(pool: Pool, context: Any, exc: BaseException) -> None:
     """Invalidate the pool's connections older than the execution's one, as SQLAlchemy does
     for a disconnect (``Pool._invalidate``)."""
     pool._invalidate(fairy_of_context(context), exc, _checkin=False)
+
+
+def invalidate_all(pool: Pool) -> None:
+    """Have every connection the pool holds now replaced at its next checkout (what
+    ``Pool._invalidate`` does for a disconnect, without a connection to start from)."""
+    pool._invalidate(None, None, _checkin=False)  # type: ignore[arg-type]
 
 
 # -- one execution ---------------------------------------------------------------------------

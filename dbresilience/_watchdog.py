@@ -38,9 +38,10 @@ class Guarded(Protocol):
 
     def fileno(self, connection: Any) -> int: ...
 
-    def cutting(self, connection: Any) -> Callable[[], None] | None:
-        """The call on ``connection`` is about to be cut off: remember it; return a function
-        that asks the server to cancel the statement (blocking, bounded, never raising)."""
+    def cutting(self, connection: Any, reason: str) -> Callable[[], None] | None:
+        """The call on ``connection`` is about to be cut off (``reason``: ``"deadline"``, or
+        the hang monitor's verdict): remember it; return a function that asks the server to
+        cancel the statement (blocking, bounded, never raising)."""
         ...
 
     def overran(self) -> None: ...
@@ -144,17 +145,26 @@ class Watchdog:
                 and armed.get(connection) is entry
                 and armed.pop(connection, None) is entry
             ):
-                self._fire(connection, entry[1])
+                self._fire(connection, entry[1], "deadline")
+
+    def cut(self, connection: object, entry: tuple[float, Guarded], reason: str) -> bool:
+        """Cut the call ``entry`` on ``connection`` off now (the hang monitor's verdict),
+        if it is still the one armed; True if it was."""
+        armed = self._armed
+        if armed.get(connection) is entry and armed.pop(connection, None) is entry:
+            self._fire(connection, entry[1], reason)
+            return True
+        return False
 
     @staticmethod
-    def _fire(connection: object, owner: Guarded) -> None:
+    def _fire(connection: object, owner: Guarded, reason: str) -> None:
         try:
             fd = os.dup(owner.fileno(connection))
         except Exception:
             return  # already closed
         cancel: Callable[[], None] | None = None
         try:
-            cancel = owner.cutting(connection)  # before the caller wakes up
+            cancel = owner.cutting(connection, reason)  # before the caller wakes up
         except Exception:
             logger.exception("dbresilience watchdog could not prepare a cancel request")
         try:
@@ -165,7 +175,8 @@ class Watchdog:
             return
         if cancel is not None:
             threading.Thread(target=cancel, name="dbresilience-cancel", daemon=True).start()
-        owner.overran()
+        if reason == "deadline":
+            owner.overran()
 
 
 watchdog = Watchdog()

@@ -22,7 +22,7 @@ class Owner:
         assert isinstance(connection, socket.socket)
         return connection.fileno()
 
-    def cutting(self, connection: object) -> None:
+    def cutting(self, connection: object, reason: str) -> None:
         self.cuts.append(connection)
 
     def overran(self) -> None:

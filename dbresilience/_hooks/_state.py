@@ -19,13 +19,24 @@ from dbresilience._policy import Policy
 from dbresilience._redaction import mask_url
 from dbresilience._watchdog import watchdog
 
-__all__ = ["CUT_OFF", "DURING_COMMIT", "FROM_DRIVER", "EngineResilience", "during_commit"]
+__all__ = [
+    "CUT_OFF",
+    "CUT_REASON",
+    "DURING_COMMIT",
+    "FROM_DRIVER",
+    "NO_DEADLINE",
+    "EngineResilience",
+    "during_commit",
+]
+
+NO_DEADLINE = 1e9  # seconds: "armed for the hang monitor only"
 
 # Marks set on an exception by the hook that saw it come out of the driver, read by the
 # handle_error hook (which sees the application's own exceptions too, e.g. from a
 # TypeDecorator or a before_cursor_execute listener: those are left alone).
 FROM_DRIVER = "_dbresilience_from_driver"  # raised by a driver call
 CUT_OFF = "_dbresilience_cut_off"  # the Position of a statement the watchdog cut off
+CUT_REASON = "_dbresilience_cut_reason"  # why: "deadline", "dead-link", "host-hung"
 DURING_COMMIT = "_dbresilience_during_commit"  # raised by COMMIT
 
 
@@ -54,10 +65,14 @@ class EngineResilience:
                 probe_wait_max=policy.connect_wait_max,
             )
         # Seconds the watchdog gives each blocking driver call (0: not needed / turned off).
-        self.call_bound = policy.command_timeout if self.driver.needs_watchdog else 0.0
+        # The hang monitor watches the calls the watchdog has armed: with no command_timeout
+        # they are armed with a deadline that never comes.
+        bound = policy.command_timeout or (NO_DEADLINE if policy.hang_threshold else 0.0)
+        self.call_bound = bound if self.driver.needs_watchdog else 0.0
         self.armed = watchdog.armed  # hot paths arm inline: armed[conn] = (deadline, self)
-        # Calls the watchdog cut off -> when (monotonic s); popped by the statement guard.
-        self.cut: dict[Any, float] = {}
+        # Calls the watchdog cut off -> (when: monotonic s, why); popped by the statement guard.
+        self.cut: dict[Any, tuple[float, str]] = {}
+        self.monitor: Any = None  # the HangMonitor, when hang_threshold is set
         if self.call_bound:
             watchdog.start()
 
@@ -67,6 +82,8 @@ class EngineResilience:
         if self.breaker is not None:
             self.breaker.after_fork_in_child()
         self.cut.clear()
+        if self.monitor is not None:
+            self.monitor.after_fork_in_child()
 
     # -- bounded calls -------------------------------------------------------------------------
 
@@ -80,29 +97,37 @@ class EngineResilience:
         watchdog.arm(bound, raw, self)
         return raw
 
-    def disarm(self, armed: Any) -> bool:
-        """Stop watching the call :meth:`arm` armed; True when the watchdog had cut it off."""
+    def disarm(self, armed: Any) -> str | None:
+        """Stop watching the call :meth:`arm` armed; why the watchdog had cut it off, if it
+        had (``"deadline"``, ``"dead-link"``, ``"host-hung"``)."""
         if armed is None:
-            return False
+            return None
         watchdog.disarm(armed)
-        return bool(self.cut) and self.cut.pop(armed, None) is not None
+        if not self.cut:
+            return None
+        mark = self.cut.pop(armed, None)
+        return None if mark is None else mark[1]
 
     def fileno(self, connection: Any) -> int:
         """The socket of one of this engine's DBAPI connections, or of the pool's proxy of
         one (for the watchdog)."""
         return self.driver.fileno(getattr(connection, "dbapi_connection", connection))
 
-    def cutting(self, connection: Any) -> Callable[[], None] | None:
+    def cutting(self, connection: Any, reason: str) -> Callable[[], None] | None:
         """The watchdog is about to cut the call on ``connection`` off: remember it, so that
-        the statement is reported as cut (never replayed), and return its cancel request."""
+        the statement is reported as cut (never replayed), and return its cancel request
+        (none when the host does not answer)."""
         now = time.monotonic()
         cut = self.cut
         if len(cut) > 64:  # marks of calls that returned anyway
-            for key, when in list(cut.items()):
+            for key, (when, _) in list(cut.items()):
                 if now - when > 60.0:
                     cut.pop(key, None)
-        cut[connection] = now
-        self.stats.incr("watchdog.fired")  # before the caller wakes up and looks
+        cut[connection] = (now, reason)
+        # Counted before the caller wakes up and looks.
+        self.stats.incr("watchdog.fired" if reason == "deadline" else f"hang.aborted.{reason}")
+        if reason == "host-hung":
+            return None
         raw = getattr(connection, "dbapi_connection", connection)
         return self.driver.canceller(raw, timeout=min(self.policy.connect_timeout, 5.0))
 

@@ -27,7 +27,13 @@ from dbresilience import _sqla
 from dbresilience._classification import classify
 from dbresilience._commit_outcome import CommitResolver
 from dbresilience._drivers import Position
-from dbresilience._hooks._state import CUT_OFF, DURING_COMMIT, FROM_DRIVER, EngineResilience
+from dbresilience._hooks._state import (
+    CUT_OFF,
+    CUT_REASON,
+    DURING_COMMIT,
+    FROM_DRIVER,
+    EngineResilience,
+)
 
 __all__ = ["install_commit_and_rollback"]
 
@@ -67,11 +73,11 @@ def install_commit_and_rollback(state: EngineResilience, engine: Engine) -> None
             else:
                 do_commit(dbapi_connection)
         except Exception as exc:
-            cut = state.disarm(key)
+            reason = state.disarm(key)
             key = None
             _mark(exc, (DURING_COMMIT, True), (FROM_DRIVER, True))
-            if cut:
-                _mark(exc, (CUT_OFF, Position.IN_TRANSACTION))
+            if reason is not None:
+                _mark(exc, (CUT_OFF, Position.IN_TRANSACTION), (CUT_REASON, reason))
             raise
         finally:
             state.disarm(key)

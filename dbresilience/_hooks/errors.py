@@ -26,9 +26,20 @@ from dbresilience._classification import Classification, ErrorKind, classify
 from dbresilience._commit_outcome import IN_RECOVERY_KEY, CommitOutcome, verdict_of
 from dbresilience._drivers import Position
 from dbresilience._errors import error_from, wrap
-from dbresilience._hooks._state import CUT_OFF, FROM_DRIVER, EngineResilience, during_commit
+from dbresilience._hooks._state import (
+    CUT_OFF,
+    CUT_REASON,
+    FROM_DRIVER,
+    EngineResilience,
+    during_commit,
+)
 
 __all__ = ["ErrorHook"]
+
+_HANG_VERDICTS = {
+    "dead-link": "the hang monitor found the link dead (the server was not running the call)",
+    "host-hung": "the hang monitor found the server not answering",
+}
 
 
 class ErrorHook:
@@ -46,11 +57,12 @@ class ErrorHook:
             return None  # the application's own exception, raised inside SQLAlchemy
         cut_at = getattr(original, CUT_OFF, None)
         cut = isinstance(cut_at, Position)
+        why = str(getattr(original, CUT_REASON, "deadline"))
         found = classify(original)
         if during_commit(original) and found.connection_unusable:
-            found = self._commit_failure(original, found, cut)
+            found = self._commit_failure(original, found, why if cut else None)
         elif cut:
-            found = self._cut_off(cut_at)  # type: ignore[arg-type]
+            found = self._cut_off(cut_at, why)  # type: ignore[arg-type]
         else:
             if found.sqlstate == "25006" and self._in_recovery(ctx):
                 # Read-only because the server is a standby (or a demoted primary): failover.
@@ -84,30 +96,41 @@ class ErrorHook:
             error.add_detail(f"dbresilience: {found.reason}")
         return error
 
-    def _cut_off(self, position: Position) -> Classification:
-        if position is Position.AUTOCOMMIT:
+    def _cut_off(self, position: Position, why: str) -> Classification:
+        autocommit = position is Position.AUTOCOMMIT
+        if autocommit:
             outcome = "in autocommit mode it may have completed: its outcome is unknown"
         else:
             outcome = "the transaction did not commit (its connection is closed)"
+        if why == "deadline":
+            return Classification(
+                ErrorKind.TIMEOUT,
+                None,
+                f"no reply within command_timeout={self.state.call_bound:g}s: the statement "
+                f"was cut off and the server asked to cancel it; it was not run again, and "
+                f"{outcome}",
+            )
+        # The hang monitor: the link is dead (the server says this backend is not running the
+        # statement) or the host does not answer. Inside a transaction nothing committed:
+        # retryable; in autocommit the statement may have run.
+        kind = ErrorKind.COMMIT_OUTCOME_UNKNOWN if autocommit else ErrorKind.DISCONNECT
         return Classification(
-            ErrorKind.TIMEOUT,
-            None,
-            f"no reply within command_timeout={self.state.call_bound:g}s: the statement was "
-            f"cut off and the server asked to cancel it; it was not run again, and {outcome}",
+            kind, None, f"{_HANG_VERDICTS.get(why, why)}: connection aborted; {outcome}"
         )
 
     def _commit_failure(
-        self, original: BaseException, found: Classification, cut: bool
+        self, original: BaseException, found: Classification, why: str | None
     ) -> Classification:
-        how = (
-            f"COMMIT cut off by command_timeout={self.state.call_bound:g}s"
-            if cut
-            else "connection lost during COMMIT"
-        )
+        if why is None:
+            how = "connection lost during COMMIT"
+        elif why == "deadline":
+            how = f"COMMIT cut off by command_timeout={self.state.call_bound:g}s"
+        else:
+            how = f"COMMIT aborted: {_HANG_VERDICTS.get(why, why)}"
         if verdict_of(original) is CommitOutcome.ABORTED:
             # Verified not committed: retryable, unless it was too slow (a timeout, as for a
             # statement: running it again would only be as slow).
-            kind = ErrorKind.TIMEOUT if cut else ErrorKind.DISCONNECT
+            kind = ErrorKind.TIMEOUT if why == "deadline" else ErrorKind.DISCONNECT
             return Classification(
                 kind, found.sqlstate, f"{how}; verified not committed ({found.reason})"
             )

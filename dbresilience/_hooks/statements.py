@@ -29,7 +29,7 @@ from sqlalchemy.engine.interfaces import Dialect, ExecuteStyle
 from dbresilience import _sqla
 from dbresilience._classification import ErrorKind, classify
 from dbresilience._drivers import Position
-from dbresilience._hooks._state import CUT_OFF, FROM_DRIVER, EngineResilience
+from dbresilience._hooks._state import CUT_OFF, CUT_REASON, FROM_DRIVER, EngineResilience
 
 __all__ = ["IDEMPOTENT_OPTION", "StatementGuard"]
 
@@ -101,10 +101,13 @@ class StatementGuard:
                     setattr(exc, FROM_DRIVER, True)
                 if bound:
                     armed.pop(raw, None)
-                    if cut and cut.pop(raw, None) is not None:
-                        # Cut off by the watchdog: it may still be running. Never replayed.
+                    mark = cut.pop(raw, None) if cut else None
+                    if mark is not None:
+                        # Cut off by the watchdog or the hang monitor: it may have run, or
+                        # still be running. Never replayed.
                         with contextlib.suppress(AttributeError):
                             setattr(exc, CUT_OFF, position)
+                            setattr(exc, CUT_REASON, mark[1])
                         raise
                 new_cursor = reconnect(exc, position, context)
                 if new_cursor is None:
@@ -167,10 +170,12 @@ class StatementGuard:
         except Exception as exc:
             with contextlib.suppress(AttributeError):
                 setattr(exc, FROM_DRIVER, True)
-            if state.disarm(key):
-                key = None
+            reason = state.disarm(key)
+            key = None
+            if reason is not None:
                 with contextlib.suppress(AttributeError):
                     setattr(exc, CUT_OFF, position)
+                    setattr(exc, CUT_REASON, reason)
             raise
         finally:
             state.disarm(key)
