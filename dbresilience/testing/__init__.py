@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dbresilience.testing._chaos import ChaosMode, ChaosProxy, ChaosStats
 from dbresilience.testing._cluster import PostgresCluster, find_pg_bindir, free_port
+from dbresilience.testing._faults import FaultController, FaultRecord
 from dbresilience.testing._pgbouncer import PgBouncer, find_pgbouncer
 from dbresilience.testing._toxics import (
     Bandwidth,
@@ -38,6 +39,8 @@ __all__ = [
     "ChaosMode",
     "ChaosProxy",
     "ChaosStats",
+    "FaultController",
+    "FaultRecord",
     "Latency",
     "LimitData",
     "PgBouncer",
