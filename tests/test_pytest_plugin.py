@@ -92,7 +92,7 @@ def test_backoff_on_without_them() -> None:
     assert not is_testing()
 
 
-USER_SUITE = '''
+USER_SUITE = """
 import pytest
 
 def test_uses_the_plugin(dbr_postgresql, dbr_chaos_url, dbr_faults):
@@ -102,7 +102,7 @@ def test_uses_the_plugin(dbr_postgresql, dbr_chaos_url, dbr_faults):
 @pytest.mark.dbr_no_backoff
 def test_plain():
     pass
-'''
+"""
 
 
 def run_pytest(project: Path, *args: str, env: dict[str, str] | None = None) -> str:

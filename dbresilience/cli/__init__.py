@@ -70,17 +70,23 @@ def _run_demo(args: argparse.Namespace) -> int:
     from dbresilience.cli import _demo, _demo_report, _demo_view
 
     console = Console()
+    if not console.is_terminal:  # a log or a pipe: room for the tables' class names
+        console = Console(width=max(console.width, 120))
     box: list[_demo.LiveState] = []
-    with _demo_view.live_view(box, console):
-        result = _demo.run_demo(
-            scenario=args.scenario,
-            driver=args.driver,
-            threads=args.threads,
-            duration=args.duration,
-            url=args.url,
-            compare=not args.no_compare,
-            state_hook=box.append,
-        )
+    try:
+        with _demo_view.live_view(box, console):
+            result = _demo.run_demo(
+                scenario=args.scenario,
+                driver=args.driver,
+                threads=args.threads,
+                duration=args.duration,
+                url=args.url,
+                compare=not args.no_compare,
+                state_hook=box.append,
+            )
+    except _demo.DemoError as exc:
+        print(f"dbresilience demo: {exc}", file=sys.stderr)
+        return 1
     reports = _demo_report.write_reports(result, Path(args.out))
     _demo_view.print_result(result, console, reports)
     if "png" not in reports:

@@ -33,12 +33,13 @@ from sqlalchemy import URL, Connection, Engine, create_engine, make_url, text
 
 from dbresilience import create_resilient_engine, get_stats, run_transaction
 from dbresilience._health import _breaker_state
-from dbresilience._redaction import mask_url
+from dbresilience._redaction import mask_url, redact
 from dbresilience.testing import ChaosProxy, FaultController, FaultRecord, Latency, PostgresCluster
 
 __all__ = [
     "ENGINES",
     "SCENARIOS",
+    "DemoError",
     "DemoResult",
     "EngineRun",
     "LiveState",
@@ -72,7 +73,13 @@ NEEDS_SERVER: frozenset[Action] = frozenset({"restart", "outage"})
 """Faults that need control of the server: skipped with ``--url``."""
 
 APPLICATION_NAME = "dbresilience-demo"
-BIN = 0.5  # seconds per point of the time series
+
+
+def bin_seconds(duration: float) -> float:
+    """Seconds per point of the time series: 0.5 for short runs, 1 from 30 s on."""
+    return 0.5 if duration < 30 else 1.0
+
+
 _THINK = 0.01  # pause between transactions of one worker
 _ERROR_PAUSE = 0.05  # what an application would wait after a failed transaction
 _JOIN_GRACE = 20.0  # > the resilient engine's connect deadline (10 s)
@@ -86,6 +93,10 @@ _RECOVERY_KEYS = (
     "breaker.opened",
 )
 _LOGGERS = ("dbresilience", "sqlalchemy", "asyncio")
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run (e.g. the ``--url`` server is unreachable); the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +131,8 @@ def fault_script(scenario: str, duration: float) -> list[ScriptedFault]:
             ScriptedFault(0.12 * d, "kill"),
             ScriptedFault(0.25 * d, "restart", 1.0),
             ScriptedFault(0.42 * d, "rst-storm", window(0.1, 0.6, 5)),
-            ScriptedFault(0.62 * d, "kill"),
-            ScriptedFault(0.62 * d, "kill"),
+            ScriptedFault(0.6 * d, "kill"),
+            ScriptedFault(0.64 * d, "kill"),
             ScriptedFault(0.72 * d, "outage", window(0.12, 1, 5)),
         ],
         "restart": [
@@ -141,7 +152,7 @@ def fault_script(scenario: str, duration: float) -> list[ScriptedFault]:
 
 @dataclass(frozen=True, slots=True)
 class EngineRun:
-    """What one engine did; series are per :data:`BIN` seconds from the start.
+    """What one engine did; series are per :func:`bin_seconds` from the start.
 
     :ivar errors: exceptions that reached the application, by class name.
     :ivar recoveries: silent recoveries of a resilient engine (``get_stats`` counters); empty
@@ -429,18 +440,20 @@ def _play(
 # -- the run -----------------------------------------------------------------------------------
 
 
-def _series(times: list[float], t0: float, bins: int) -> tuple[int, ...]:
+def _series(times: list[float], t0: float, bins: int, width: float) -> tuple[int, ...]:
     counts = [0] * bins
     for t in times:
-        counts[min(bins - 1, max(0, int((t - t0) / BIN)))] += 1
+        counts[min(bins - 1, max(0, int((t - t0) / width)))] += 1
     return tuple(counts)
 
 
-def _breaker_series(samples: list[tuple[float, str]], t0: float, bins: int) -> tuple[str, ...]:
+def _breaker_series(
+    samples: list[tuple[float, str]], t0: float, bins: int, width: float
+) -> tuple[str, ...]:
     rank = {"": 0, "closed": 1, "half-open": 2, "open": 3}
     worst = ["closed"] * bins
     for t, value in samples:
-        i = min(bins - 1, max(0, int((t - t0) / BIN)))
+        i = min(bins - 1, max(0, int((t - t0) / width)))
         if rank.get(value, 0) > rank[worst[i]]:
             worst[i] = value
     return tuple(worst)
@@ -503,7 +516,11 @@ def run_demo(
         else:
             target = make_url(url).set(drivername=f"postgresql+{driver}")
             server = mask_url(target)
-            skipped = sorted({f.action for f in script if f.action in NEEDS_SERVER})
+            try:
+                _query(target, "select 1")
+            except Exception as exc:
+                raise DemoError(f"cannot use {server}: {redact(str(exc)).strip()}") from None
+            skipped = list(dict.fromkeys(f.action for f in script if f.action in NEEDS_SERVER))
             if skipped:
                 notes.append(
                     f"skipped {', '.join(skipped)}: they need control of the server (--url)"
@@ -603,7 +620,8 @@ def _run(
         for eng in engines.values():
             _dispose(eng, loop_box)
         proxy.stop()
-    bins = max(1, int(elapsed / BIN + 0.999))
+    width = bin_seconds(state.duration)
+    bins = max(1, int(elapsed / width + 0.999))
     runs = []
     for kind in state.engines:
         tally = state.tallies[kind]
@@ -626,9 +644,11 @@ def _run(
                 outcome_unknown=len(present - acked),
                 longest_gap=round(_longest_gap(tally.ok_times, t0, t0 + elapsed), 3),
                 hung_workers=hung.get(kind, 0),
-                ops=_series(tally.ok_times, t0, bins),
-                error_series=_series(tally.error_times, t0, bins),
-                breaker=_breaker_series(tally.breaker_samples, t0, bins) if kind != "plain" else (),
+                ops=_series(tally.ok_times, t0, bins, width),
+                error_series=_series(tally.error_times, t0, bins, width),
+                breaker=_breaker_series(tally.breaker_samples, t0, bins, width)
+                if kind != "plain"
+                else (),
             )
         )
     if cluster is None:
@@ -643,7 +663,7 @@ def _run(
         threads=threads,
         duration=state.duration,
         elapsed=round(elapsed, 3),
-        bin_seconds=BIN,
+        bin_seconds=width,
         server=server,
         runs=tuple(runs),
         faults=tuple(faults.timeline),

@@ -109,7 +109,7 @@ def _plain_line(state: LiveState) -> str:
         breaker = state.breaker.get(kind, "")
         parts.append(
             f"{kind} {tally.rate(time.monotonic()):.0f}/s {sum(tally.errors.values())} err"
-            + (f" ({breaker})" if breaker else "")
+            + (f" (breaker {breaker})" if breaker not in ("", "closed") else "")
         )
     return f"+{state.now():5.1f} s  " + " | ".join(parts)
 
