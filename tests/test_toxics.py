@@ -256,6 +256,14 @@ def test_down_refuses_then_up_listens_again(proxy: ChaosProxy) -> None:
     assert refused_in < 0.5
 
 
+def test_public_names() -> None:
+    import dbresilience.testing as testing
+
+    assert testing.__all__ == sorted(testing.__all__)
+    assert all(getattr(testing, name, None) is not None for name in testing.__all__)
+    assert {"ChaosProxy", "FaultController", "PgBouncer", "PostgresCluster"} <= set(testing.__all__)
+
+
 def test_toxics_api(proxy: ChaosProxy) -> None:
     name = proxy.add_toxic(Latency(latency=0.01), name="slow")
     assert name == "slow"

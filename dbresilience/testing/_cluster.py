@@ -122,6 +122,8 @@ class PostgresCluster:
         self.bindir = find_pg_bindir()
         self.host = "127.0.0.1"
         self.port = port if port is not None else free_port()
+        self.user = "postgres"  # superuser; trust authentication, no password
+        self.dbname = "postgres"
         self._tmp = Path(tempfile.mkdtemp(prefix="dbresilience-pg-", dir=basedir))
         self.datadir = self._tmp / "data"
         self.logfile = self._tmp / "server.log"
