@@ -90,11 +90,14 @@ def test_latency_with_jitter_per_direction(proxy: ChaosProxy) -> None:
         f"{statistics.median(down) * 1e3:.1f} ms median, {min(down) * 1e3:.1f}-"
         f"{max(down) * 1e3:.1f} ms; +30 ms upstream too: {statistics.median(both) * 1e3:.1f} ms"
     )
-    assert all(0.039 <= d <= 0.075 for d in down), down
-    assert 0.045 <= statistics.median(down) <= 0.06
+    # Lower bounds are exact (a toxic never delays less); upper ones leave room for a loaded
+    # machine (2 shared cores).
+    assert min(down) >= 0.039, down
+    assert 0.045 <= statistics.median(down) <= 0.075, down
     assert spread >= 0.005  # the jitter shows
-    assert all(0.069 <= d <= 0.105 for d in both), both
-    assert after < base + 0.01  # removed with the block
+    assert min(both) >= 0.069, both
+    assert 0.075 <= statistics.median(both) <= 0.11, both
+    assert after < base + 0.02  # removed with the block
 
 
 def test_bandwidth_limits_throughput_per_direction(proxy: ChaosProxy) -> None:
@@ -117,9 +120,9 @@ def test_bandwidth_limits_throughput_per_direction(proxy: ChaosProxy) -> None:
         f"upstream then unaffected ({up_free * 1e3:.0f} ms for 400 kB); "
         f"500 kB/s upstream: {size / up / 1e3:.0f} kB/s"
     )
-    assert 0.75 * rate <= size / down <= 1.05 * rate
+    assert 0.5 * rate <= size / down <= 1.05 * rate  # never above the rate
     assert up_free < 0.2
-    assert 0.75 * rate / 2 <= size / up <= 1.05 * rate / 2
+    assert 0.5 * rate / 2 <= size / up <= 1.05 * rate / 2
 
 
 def test_slicer_cuts_replies_into_small_delayed_segments(proxy: ChaosProxy) -> None:
