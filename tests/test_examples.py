@@ -29,6 +29,24 @@ def test_sync_example_runs_against_a_real_server(shared_pg: PostgresCluster) -> 
     assert [r[0] for r in rows][-2:] == ["unchanged app code", "exactly once"]
 
 
+def test_chaos_test_suite_passes() -> None:
+    """examples/chaos_tests is a user's suite: its own pytest.ini and conftest, the plugin from
+    the entry point. So it runs as its own pytest session, the way its users would run it,
+    rather than being collected into this one (whose config and fixtures it must not need)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q"],
+        cwd=ROOT / "examples" / "chaos_tests",
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "6 passed" in out, out
+    assert "skipped" not in out, out
+
+
 def test_compose_file_is_consistent() -> None:
     compose = yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())
     services = compose["services"]

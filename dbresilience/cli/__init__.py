@@ -44,54 +44,100 @@ def _seconds(value: str) -> float:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    missing = [m for m in ("rich", "psycopg") if importlib.util.find_spec(m) is None]
+    needed = ["rich", "psycopg"] + (["asyncpg", "greenlet"] if args.driver == "asyncpg" else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         print(
             f"dbresilience demo needs {', '.join(missing)}: pip install 'dbresilience[demo]'",
             file=sys.stderr,
         )
         return 1
-    from dbresilience.testing import find_pg_bindir
+    if args.url is None:
+        from dbresilience.testing import find_pg_bindir
 
-    try:
-        find_pg_bindir()
-    except RuntimeError as exc:
-        print(f"dbresilience demo: {exc}", file=sys.stderr)
-        return 1
+        try:
+            find_pg_bindir()
+        except RuntimeError as exc:
+            print(
+                f"dbresilience demo: {exc} (or pass --url for a server of yours)", file=sys.stderr
+            )
+            return 1
+
+    from pathlib import Path
 
     from rich.console import Console
 
-    from dbresilience.cli import _demo
+    from dbresilience.cli import _demo, _demo_report, _demo_view
 
     console = Console()
-    result = _demo.run_demo(
-        threads=args.threads,
-        duration=args.duration,
-        compare=not args.no_compare,
-        progress=lambda line: console.print(line, highlight=False),
-    )
-    _demo.print_result(result, console)
+    if not console.is_terminal:  # a log or a pipe: room for the tables' class names
+        console = Console(width=max(console.width, 120))
+    box: list[_demo.LiveState] = []
+    try:
+        with _demo_view.live_view(box, console):
+            result = _demo.run_demo(
+                scenario=args.scenario,
+                driver=args.driver,
+                threads=args.threads,
+                duration=args.duration,
+                url=args.url,
+                compare=not args.no_compare,
+                state_hook=box.append,
+            )
+    except _demo.DemoError as exc:
+        print(f"dbresilience demo: {exc}", file=sys.stderr)
+        return 1
+    reports = _demo_report.write_reports(result, Path(args.out))
+    _demo_view.print_result(result, console, reports)
+    if "png" not in reports:
+        console.print(
+            "note: no PNG chart: matplotlib is missing (pip install 'dbresilience[demo]')"
+        )
     return 0 if result.ok else 1
 
 
 def _add_demo(subparsers: _Subparsers) -> None:
+    from dbresilience.cli._demo import SCENARIOS
+
     parser = subparsers.add_parser(
         "demo",
-        help="kill backends and restart a throwaway PostgreSQL under load; compare engines",
+        help="three engines side by side under injected faults: live view, then a report",
         description=(
-            "Start a throwaway PostgreSQL server, run a write workload through "
-            "create_resilient_engine() while backends are killed and the server restarts, "
-            "then run the same workload and faults through a plain create_engine()."
+            "Run one write workload at once through create_engine(), "
+            "create_resilient_engine() with the code unchanged, and the resilient engine with "
+            "run_transaction(), while faults are injected (a throwaway PostgreSQL server, or "
+            "--url); show it live, then write report.json, report.png and report.html. "
+            "Scenarios: " + "; ".join(f"{k}: {v}" for k, v in SCENARIOS.items()) + "."
         ),
     )
     parser.add_argument(
-        "--threads", type=_positive_int, default=8, help="worker threads (default: 8)"
+        "--scenario", choices=list(SCENARIOS), default="mixed", help="fault script (default: mixed)"
+    )
+    parser.add_argument(
+        "--driver", choices=["psycopg", "asyncpg"], default="psycopg", help="(default: psycopg)"
     )
     parser.add_argument(
         "--duration",
         type=_seconds,
-        default=12.0,
-        help="seconds of workload per engine (default: 12)",
+        default=45.0,
+        help="seconds of workload, all engines at once (default: 45)",
+    )
+    parser.add_argument(
+        "--threads", type=_positive_int, default=6, help="workers per engine (default: 6)"
+    )
+    parser.add_argument(
+        "--url",
+        help=(
+            "your own server (SQLAlchemy URL) instead of a throwaway one: tables "
+            "dbresilience_demo_* are created and dropped there; restarts and outages are "
+            "skipped (they need control of the server)"
+        ),
+    )
+    parser.add_argument(
+        "--out",
+        default="dbresilience-demo",
+        metavar="DIR",
+        help="directory for report.json, report.png, report.html (default: ./dbresilience-demo)",
     )
     parser.add_argument(
         "--no-compare", action="store_true", help="skip the plain create_engine() run"

@@ -1,9 +1,11 @@
 """TCP chaos proxy for fault-injection tests of database clients.
 
 :class:`ChaosProxy` sits between a client and a server (e.g. PostgreSQL) and
-forwards bytes in both directions, while letting a test inject faults: added
-latency, a black-holed network, refused connections, real TCP resets, and
-one-shot cuts right after a given message (e.g. ``COMMIT``) was forwarded.
+forwards bytes in both directions, while letting a test inject faults: Toxiproxy-like
+toxics per direction and per share of connections (:mod:`latency, bandwidth, slicer,
+limit_data, reset_peer, timeout, slow_close <dbresilience.testing._toxics>`), a proxy that
+is down (connections refused), a black-holed network, refused connections, real TCP resets,
+and one-shot cuts right after a given message (e.g. ``COMMIT``) was forwarded.
 
 Example::
 
@@ -13,6 +15,8 @@ Example::
         proxy.close_after(0, match=b"COMMIT")  # server gets COMMIT, client never sees reply
         ...
         proxy.reset_all()                        # RST every live connection, both sides
+        with proxy.toxic(Latency(latency=0.1, jitter=0.02)):  # 80-120 ms per server reply
+            ...
 
 Design: a single daemon thread runs a :mod:`selectors` loop that owns every
 socket; control methods are executed by that thread and return once applied
@@ -30,16 +34,28 @@ import enum
 import errno
 import logging
 import math
+import random
 import selectors
 import socket
 import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
+
+from dbresilience.testing._toxics import (
+    Bandwidth,
+    Latency,
+    LimitData,
+    ResetPeer,
+    Slicer,
+    SlowClose,
+    Timeout,
+    Toxic,
+)
 
 __all__ = ["ChaosMode", "ChaosProxy", "ChaosStats"]
 
@@ -104,6 +120,8 @@ class ChaosStats:
     """Bytes forwarded client -> server."""
     bytes_downstream: int = 0
     """Bytes forwarded server -> client."""
+    bytes_dropped: int = 0
+    """Bytes read and thrown away by a :class:`~dbresilience.testing.Timeout` toxic."""
 
 
 @dataclass
@@ -114,6 +132,7 @@ class _Counters:
     resets_sent: int = 0
     bytes_upstream: int = 0
     bytes_downstream: int = 0
+    bytes_dropped: int = 0
 
     def snapshot(self) -> ChaosStats:
         return ChaosStats(
@@ -123,20 +142,35 @@ class _Counters:
             resets_sent=self.resets_sent,
             bytes_upstream=self.bytes_upstream,
             bytes_downstream=self.bytes_downstream,
+            bytes_dropped=self.bytes_dropped,
         )
 
 
 class _Flow:
     """One direction of a connection pair: chunks read from the source, awaiting delivery."""
 
-    __slots__ = ("direction", "eof", "queue", "queued", "shut")
+    __slots__ = (
+        "close_when_drained",
+        "direction",
+        "eof",
+        "eof_at",
+        "free_at",
+        "passed",
+        "queue",
+        "queued",
+        "shut",
+    )
 
     def __init__(self, direction: str) -> None:
         self.direction = direction
         self.queue: collections.deque[tuple[float, bytes]] = collections.deque()  # (due, data)
         self.queued = 0  # bytes in ``queue``
         self.eof = False  # the source sent FIN
+        self.eof_at = 0.0  # when it did
         self.shut = False  # that FIN was forwarded (shutdown(SHUT_WR) on the destination)
+        self.free_at: dict[str, float] = {}  # Bandwidth toxic -> when its link is free again
+        self.passed: dict[str, int] = {}  # LimitData toxic -> bytes let through
+        self.close_when_drained = False  # a LimitData toxic was reached
 
     def clear(self) -> None:
         self.queue.clear()
@@ -159,6 +193,7 @@ class _Pair:
         "peer",
         "server",
         "server_handler",
+        "toxics",
         "up",
     )
 
@@ -180,6 +215,7 @@ class _Pair:
         self.cutting: _Flow | None = None  # flow carrying the chunk that fired close_after()
         self.cut_at: float | None = None  # when that chunk was fully written
         self.closed = False
+        self.toxics: dict[str, float] = {}  # name -> since when it applies to this pair
         self.client_handler: Callable[[int], None] = lambda mask: client_handler(self, mask)
         self.server_handler: Callable[[int], None] = lambda mask: server_handler(self, mask)
 
@@ -228,10 +264,12 @@ class ChaosProxy:
         *,
         listen_host: str = "127.0.0.1",
         listen_port: int = 0,
+        seed: int | None = None,
     ) -> None:
         """Configure a proxy to ``upstream_host:upstream_port``; nothing is bound until start.
 
         ``listen_port=0`` picks a free port; read it from :attr:`port` after :meth:`start`.
+        ``seed`` seeds the random draws of toxics (toxicity, jitter, slice sizes).
         """
         self._upstream = (upstream_host, upstream_port)
         self._listen = (listen_host, listen_port)
@@ -239,6 +277,9 @@ class ChaosProxy:
         self._mode = ChaosMode.PASS
         self._latency = 0.0
         self._trigger: _Trigger | None = None
+        self._toxics: dict[str, Toxic] = {}
+        self._random = random.Random(seed)
+        self._down = False
         self._counters = _Counters()
         self._pairs: dict[_Pair, None] = {}  # insertion-ordered set
         self._masks: dict[socket.socket, int] = {}  # registered selector interest per socket
@@ -275,11 +316,15 @@ class ChaosProxy:
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
-        sel.register(listener, selectors.EVENT_READ, self._on_accept)
         sel.register(wake_r, selectors.EVENT_READ, self._on_wake)
-        self._sel, self._listener, self._wake_r, self._wake_w = sel, listener, wake_r, wake_w
         addr = listener.getsockname()
         self._address = (str(addr[0]), int(addr[1]))
+        if self._down:  # down() before start(): the port is reserved, then refused
+            listener.close()
+        else:
+            sel.register(listener, selectors.EVENT_READ, self._on_accept)
+        self._sel, self._wake_r, self._wake_w = sel, wake_r, wake_w
+        self._listener = None if self._down else listener
         self._running = True
         self._thread = threading.Thread(
             target=self._run, name=f"ChaosProxy-{self._address[1]}", daemon=True
@@ -352,6 +397,16 @@ class ChaosProxy:
         return self._latency
 
     @property
+    def is_down(self) -> bool:
+        """True between :meth:`down` and :meth:`up`."""
+        return self._down
+
+    @property
+    def toxics(self) -> dict[str, Toxic]:
+        """The toxics in force, by name, in the order they apply."""
+        return self._call(lambda: dict(self._toxics))
+
+    @property
     def active_connections(self) -> int:
         """Number of live client connections (including held or still connecting ones)."""
         return self._call(lambda: len(self._pairs))
@@ -376,7 +431,8 @@ class ChaosProxy:
         self._call(apply)
 
     def passthrough(self) -> None:
-        """Forward normally: clears latency, blackhole, refuse and any armed close_after().
+        """Forward normally: clears latency, blackhole, refuse, any armed close_after(), every
+        toxic, and brings a proxy that is :meth:`down` up again.
 
         Chunks already delayed by latency are delivered on their original schedule;
         connections held by :meth:`blackhole` resume with their buffered data.
@@ -385,6 +441,8 @@ class ChaosProxy:
         def apply() -> None:
             self._set_mode(ChaosMode.PASS)
             self._trigger = None
+            self._clear_toxics()
+            self._set_up()
 
         self._call(apply)
 
@@ -466,6 +524,74 @@ class ChaosProxy:
 
         self._call(apply)
 
+    def add_toxic(self, toxic: Toxic, *, name: str | None = None) -> str:
+        """Apply ``toxic`` to existing and new connections; returns its name.
+
+        The default name is Toxiproxy's: ``<kind>_<stream>`` (``latency_downstream``).
+        Each connection draws once whether the toxic applies to it (``toxic.toxicity``).
+        Raises :class:`ValueError` when a toxic of that name is already in force.
+        """
+        key = name if name is not None else f"{toxic.kind}_{toxic.stream}"
+
+        def apply() -> str:
+            if key in self._toxics:
+                raise ValueError(f"a toxic named {key!r} is already in force")
+            self._toxics[key] = toxic
+            now = time.monotonic()
+            for pair in self._pairs:
+                self._roll(pair, key, toxic, now)
+            _log.debug("chaos proxy toxic %s added: %r", key, toxic)
+            return key
+
+        return self._call(apply)
+
+    def remove_toxic(self, name: str) -> None:
+        """Stop applying the toxic ``name``; :class:`KeyError` if there is none.
+
+        Data a toxic has already scheduled (delayed, sliced) keeps its schedule.
+        """
+
+        def apply() -> None:
+            if name not in self._toxics:
+                raise KeyError(name)
+            self._forget_toxic(name)
+
+        self._call(apply)
+
+    def remove_all_toxics(self) -> None:
+        """Remove every toxic (other faults, e.g. :meth:`blackhole`, stay)."""
+        self._call(self._clear_toxics)
+
+    @contextlib.contextmanager
+    def toxic(self, toxic: Toxic, *, name: str | None = None) -> Iterator[str]:
+        """``with proxy.toxic(Latency(latency=0.1)) as name:`` applies it for the block."""
+        key = self.add_toxic(toxic, name=name)
+        try:
+            yield key
+        finally:
+            with contextlib.suppress(KeyError):
+                self.remove_toxic(key)
+
+    def down(self) -> None:
+        """Take the proxy down, as Toxiproxy's disabled proxy: reset (RST) every connection and
+        stop listening, so new connections are refused (``ECONNREFUSED``). :meth:`up` or
+        :meth:`passthrough` listen again on the same port."""
+
+        def apply() -> None:
+            for pair in list(self._pairs):
+                self._abort(pair, "down()")
+            if self._listener is not None and self._sel is not None:
+                self._sel.unregister(self._listener)
+                self._listener.close()
+                self._listener = None
+            self._down = True
+
+        self._call(apply)
+
+    def up(self) -> None:
+        """Listen again after :meth:`down` (same address and port); no-op when up."""
+        self._call(self._set_up)
+
     # ------------------------------------------------------------------ control plumbing
 
     def _call(self, fn: Callable[[], _T]) -> _T:
@@ -490,14 +616,41 @@ class ChaosProxy:
         with contextlib.suppress(OSError):  # buffer full: the loop is already due to wake up
             self._wake_w.send(b"\0")
 
+    def _set_up(self) -> None:
+        if not self._down:
+            return
+        if self._sel is not None and self._address is not None:  # started: listen again
+            listener = self._bind(self._address)
+            self._sel.register(listener, selectors.EVENT_READ, self._on_accept)
+            self._listener = listener
+        self._down = False
+
+    def _roll(self, pair: _Pair, name: str, toxic: Toxic, now: float) -> None:
+        """Draw once whether ``toxic`` applies to ``pair``."""
+        if toxic.toxicity >= 1.0 or self._random.random() < toxic.toxicity:
+            pair.toxics[name] = now
+
+    def _forget_toxic(self, name: str) -> None:
+        del self._toxics[name]
+        for pair in self._pairs:
+            pair.toxics.pop(name, None)
+            for flow in (pair.up, pair.down):
+                flow.free_at.pop(name, None)
+                flow.passed.pop(name, None)
+        _log.debug("chaos proxy toxic %s removed", name)
+
+    def _clear_toxics(self) -> None:
+        for name in list(self._toxics):
+            self._forget_toxic(name)
+
     def _set_mode(self, mode: ChaosMode, latency: float = 0.0) -> None:
         if mode is not self._mode or latency != self._latency:
             _log.debug("chaos proxy mode -> %s (latency %.3f s)", mode.value, latency)
         self._mode = mode
         self._latency = latency
 
-    def _bind(self) -> socket.socket:
-        host, port = self._listen
+    def _bind(self, address: tuple[str, int] | None = None) -> socket.socket:
+        host, port = address or self._listen
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, addr = infos[0]
         sock = socket.socket(family, kind, proto)
@@ -567,13 +720,25 @@ class ChaosProxy:
                 deadline = min(deadline, pair.connect_deadline)
             if pair.cut_at is not None:
                 deadline = min(deadline, now + _DRAIN_POLL)
+            if pair.toxics:
+                ends = self._toxic_deadline(pair)
+                if ends is not None:
+                    deadline = min(deadline, ends[0])
+                for flow in (pair.up, pair.down):
+                    if flow.eof and not flow.shut and not flow.queue:
+                        deadline = min(deadline, flow.eof_at + self._slow_close(pair, flow))
             if held:
                 continue
             for flow in (pair.up, pair.down):
                 if flow.queue and pair.cutting in (None, flow):
                     due = flow.queue[0][0]
+                    dst = pair.dst(flow)
                     if due > now:
                         deadline = min(deadline, due)
+                    elif dst is not None and not self._masks.get(dst, 0) & selectors.EVENT_WRITE:
+                        # Became due after the last _update(): no write interest yet, so
+                        # service it now rather than wait for I/O that may never come.
+                        deadline = now
         return None if deadline == math.inf else max(0.0, deadline - now)
 
     def _on_wake(self, mask: int) -> None:
@@ -606,6 +771,9 @@ class ChaosProxy:
             _set_nodelay(sock)
             pair = _Pair(sock, peer, self._on_client_event, self._on_server_event)
             self._pairs[pair] = None
+            now = time.monotonic()
+            for name, toxic in self._toxics.items():
+                self._roll(pair, name, toxic, now)
             _log.debug("chaos proxy accepted %s", peer)
 
     def _on_client_event(self, pair: _Pair, mask: int) -> None:
@@ -652,6 +820,15 @@ class ChaosProxy:
         if pair.cut_at is not None:
             self._finish_cut(pair, now)
             return
+        if pair.toxics:
+            ends = self._toxic_deadline(pair)
+            if ends is not None and now >= ends[0]:
+                if ends[1] == "reset":
+                    self._abort(pair, "reset_peer toxic")
+                else:
+                    self._close_pair(pair)
+                    _log.debug("chaos proxy timeout toxic closed %s", pair.peer)
+                return
         if not held:
             self._pump(pair, now)
             if pair.closed:
@@ -709,13 +886,72 @@ class ChaosProxy:
             return
         if not data:
             flow.eof = True
+            flow.eof_at = time.monotonic()
             return
         trigger = self._trigger
         if trigger is not None and trigger.direction == flow.direction:
             data = self._check_trigger(trigger, pair, flow, data)
         if data:
-            flow.queue.append((time.monotonic() + self._latency, data))
-            flow.queued += len(data)
+            self._enqueue(pair, flow, data)
+
+    def _enqueue(self, pair: _Pair, flow: _Flow, data: bytes) -> None:
+        """Queue ``data`` for delivery, through the toxics of this pair and direction."""
+        now = time.monotonic()
+        pieces = [(now + self._latency, data)]
+        if pair.toxics and not flow.close_when_drained:
+            for name, toxic in self._toxics.items():
+                if name in pair.toxics and toxic.stream == flow.direction:
+                    pieces = self._apply_toxic(name, toxic, flow, pieces)
+        elif flow.close_when_drained:
+            pieces = []
+        for due, chunk in pieces:
+            flow.queue.append((due, chunk))
+            flow.queued += len(chunk)
+
+    def _apply_toxic(
+        self, name: str, toxic: Toxic, flow: _Flow, pieces: list[tuple[float, bytes]]
+    ) -> list[tuple[float, bytes]]:
+        """What ``toxic`` makes of the scheduled ``pieces`` ``(due, data)`` of one read."""
+        rng = self._random
+        out: list[tuple[float, bytes]] = []
+        if isinstance(toxic, Latency):
+            for due, chunk in pieces:
+                delay = toxic.latency + rng.uniform(-toxic.jitter, toxic.jitter)
+                out.append((due + max(0.0, delay), chunk))
+        elif isinstance(toxic, Slicer):
+            for due, chunk in pieces:
+                at, start = due, 0
+                while start < len(chunk):
+                    size = toxic.average_size + rng.randint(
+                        -toxic.size_variation, toxic.size_variation
+                    )
+                    out.append((at, chunk[start : start + size]))
+                    start += size
+                    at += toxic.delay
+        elif isinstance(toxic, Bandwidth):
+            quantum = max(1, toxic.rate // 20)  # 50 ms worth of bytes
+            free = flow.free_at.get(name, 0.0)
+            for due, chunk in pieces:
+                for start in range(0, len(chunk), quantum):
+                    part = chunk[start : start + quantum]
+                    free = max(free, due) + len(part) / toxic.rate
+                    out.append((free, part))
+            flow.free_at[name] = free
+        elif isinstance(toxic, LimitData):
+            left = toxic.nbytes - flow.passed.get(name, 0)
+            for due, chunk in pieces:
+                part = chunk[: max(0, left)]
+                left -= len(part)
+                if part:
+                    out.append((due, part))
+            flow.passed[name] = toxic.nbytes - left
+            if left <= 0:
+                flow.close_when_drained = True
+        elif isinstance(toxic, Timeout):
+            self._counters.bytes_dropped += sum(len(chunk) for _, chunk in pieces)
+        else:  # ResetPeer, SlowClose: timers, the data is untouched
+            out = pieces
+        return out
 
     def _check_trigger(self, trigger: _Trigger, pair: _Pair, flow: _Flow, data: bytes) -> bytes:
         """Apply an armed close_after() to a chunk just read; returns the part to forward."""
@@ -759,7 +995,12 @@ class ChaosProxy:
                     flow.queue[0] = (due, chunk[sent:])
                     break
                 flow.queue.popleft()
+            if flow.close_when_drained and not flow.queue:
+                self._close_pair(pair)  # a LimitData toxic was reached
+                return
             if flow.eof and not flow.queue and not flow.shut and pair.cutting is None:
+                if now < flow.eof_at + self._slow_close(pair, flow):
+                    continue
                 dst.shutdown(socket.SHUT_WR)
                 flow.shut = True
         if pair.cutting is not None:
@@ -768,6 +1009,30 @@ class ChaosProxy:
                 self._update(pair, now)  # stop all selector interest while draining
         elif pair.up.shut and pair.down.shut:
             self._close_pair(pair)
+
+    def _slow_close(self, pair: _Pair, flow: _Flow) -> float:
+        """Seconds a SlowClose toxic holds this flow's FIN back (0 without one)."""
+        delay = 0.0
+        for name in pair.toxics:
+            toxic = self._toxics[name]
+            if isinstance(toxic, SlowClose) and toxic.stream == flow.direction:
+                delay = max(delay, toxic.delay)
+        return delay
+
+    def _toxic_deadline(self, pair: _Pair) -> tuple[float, str] | None:
+        """When a ResetPeer / Timeout toxic ends ``pair``, and how (``reset`` or ``close``)."""
+        first: tuple[float, str] | None = None
+        for name, since in pair.toxics.items():
+            toxic = self._toxics[name]
+            if isinstance(toxic, ResetPeer):
+                at = (since + toxic.timeout, "reset")
+            elif isinstance(toxic, Timeout) and toxic.timeout > 0:
+                at = (since + toxic.timeout, "close")
+            else:
+                continue
+            if first is None or at[0] < first[0]:
+                first = at
+        return first
 
     def _finish_cut(self, pair: _Pair, now: float) -> None:
         """RST a cut pair once the last forwarded chunk was acknowledged (bounded wait)."""

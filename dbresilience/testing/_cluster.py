@@ -7,7 +7,17 @@ when the current process is root the server runs as an unprivileged system user 
 ``useradd`` if missing, the same way the wheel itself does it).
 
 The cluster is a real server: :meth:`restart`, :meth:`stop`, :meth:`start` and
-:meth:`terminate_backends` are the faults the test-suite injects.
+:meth:`terminate_backends` are the faults the test-suite injects. ``standby_of=`` makes a
+streaming standby of a running cluster, and :meth:`promote` turns it into a primary (a
+failover).
+
+Example::
+
+    with PostgresCluster() as primary, PostgresCluster(standby_of=primary) as standby:
+        primary.execute("create table t (x int)")
+        standby.wait_for_replay(primary)
+        primary.stop()
+        standby.promote()                      # now a primary on standby.port
 """
 
 from __future__ import annotations
@@ -93,8 +103,12 @@ class PostgresCluster:
     :param settings: extra ``postgresql.conf`` settings.
     :param basedir: parent directory for the data directory (a temp dir when ``None``).
     :param standby_of: a running server: make this one its streaming standby
-        (``pg_basebackup -R``) instead of a new cluster; :meth:`start` it, and promote it
-        with ``pg_ctl promote`` / ``select pg_promote()``.
+        (``pg_basebackup -R``) instead of a new cluster; :meth:`start` it, and :meth:`promote`
+        it.
+
+    The server listens on ``127.0.0.1`` with trust authentication for every role, superuser
+    ``postgres``, and fast unsafe settings (``fsync=off``, ``synchronous_commit=off``,
+    ``max_connections=200``). ``with PostgresCluster() as pg:`` starts it and destroys it.
     """
 
     def __init__(
@@ -108,6 +122,8 @@ class PostgresCluster:
         self.bindir = find_pg_bindir()
         self.host = "127.0.0.1"
         self.port = port if port is not None else free_port()
+        self.user = "postgres"  # superuser; trust authentication, no password
+        self.dbname = "postgres"
         self._tmp = Path(tempfile.mkdtemp(prefix="dbresilience-pg-", dir=basedir))
         self.datadir = self._tmp / "data"
         self.logfile = self._tmp / "server.log"
@@ -229,6 +245,38 @@ class PostgresCluster:
         if down_for:
             time.sleep(down_for)
         self.start()
+
+    def promote(self, *, timeout: float = 60.0) -> None:
+        """Promote this standby to a primary (``pg_ctl promote``), waiting until it accepts
+        writes (bound: ``timeout`` seconds, default 60). The old primary, if still running,
+        is not touched: stop it first for a clean failover."""
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-w",
+            "-t",
+            str(max(1, round(timeout))),
+            "promote",
+            timeout=timeout + 10,
+        )
+
+    def is_in_recovery(self) -> bool:
+        """True while this server is a standby (``pg_is_in_recovery()``)."""
+        return bool(self.execute("select pg_is_in_recovery()")[0][0])
+
+    def wait_for_replay(self, primary: PostgresCluster, *, timeout: float = 30.0) -> None:
+        """Wait until this standby has replayed everything ``primary`` had written when called
+        (its current WAL position); :class:`TimeoutError` after ``timeout`` seconds."""
+        lsn = str(primary.execute("select pg_current_wal_insert_lsn()")[0][0])
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.execute(f"select pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn")
+            if rows[0][0]:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"standby did not replay up to {lsn} within {timeout} s")
+            time.sleep(0.01)  # polling the standby's replay position
 
     def is_running(self) -> bool:
         """True when ``pg_ctl status`` reports a running server."""
