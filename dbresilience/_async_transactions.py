@@ -9,6 +9,7 @@ awaits ``fn``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar, overload
 
@@ -17,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from dbresilience._engine_hooks import resilience_of
 from dbresilience._errors import ConfigurationError
+from dbresilience._hooks._state import statement_deadline
 from dbresilience._policy import Policy
 from dbresilience._transactions import engine_of, transaction_retrying_kwargs
 
@@ -86,7 +88,11 @@ async def run_async_transaction(
         )
     state = resilience_of(engine_of(target))
     retrying = tenacity.AsyncRetrying(**transaction_retrying_kwargs(state, policy))
-    result: T = await retrying(_once, target, fn)
+    token = statement_deadline.set(time.monotonic() + (policy or state.policy).deadline)
+    try:
+        result: T = await retrying(_once, target, fn)
+    finally:
+        statement_deadline.reset(token)
     return result
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
@@ -33,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dbresilience._classification import classify, from_database
 from dbresilience._engine_hooks import EngineResilience, resilience_of
 from dbresilience._errors import ConfigurationError
+from dbresilience._hooks._state import statement_deadline
 from dbresilience._policy import Policy
 from dbresilience._retrying import retry_kwargs
 
@@ -151,7 +153,11 @@ def run_transaction(target: Target, fn: Callable[[Any], T], *, policy: Policy | 
         )
     state = resilience_of(engine_of(target))
     retrying = tenacity.Retrying(**transaction_retrying_kwargs(state, policy))
-    result: T = retrying(_once, target, fn)
+    token = statement_deadline.set(time.monotonic() + (policy or state.policy).deadline)
+    try:
+        result: T = retrying(_once, target, fn)
+    finally:
+        statement_deadline.reset(token)
     return result
 
 

@@ -283,3 +283,117 @@ def test_saturated_server_aborts_no_healthy_connection(pg: PostgresCluster) -> N
     assert stats.get("hang.slow", 0) > 0  # they were slow enough to be looked into
     assert not any(k.startswith("hang.aborted") for k in stats)
     engine.dispose()
+
+
+def test_run_transaction_deadline_bounds_a_running_statement(pg: PostgresCluster) -> None:
+    engine = create_resilient_engine(pg.url())
+    calls = []
+
+    def slow(conn: Any) -> None:
+        calls.append(1)
+        conn.execute(text("select pg_sleep(30) /* past-deadline */"))
+
+    t0 = time.monotonic()
+    with pytest.raises(dbresilience.StatementTimeout) as info:
+        dbresilience.run_transaction(engine, slow, policy=Policy(deadline=2.0))
+    took = time.monotonic() - t0
+    assert took < 2.0 + 1.0, took  # the deadline, plus the watchdog's tick and some slack
+    assert calls == [1]
+    assert "run_transaction's deadline" in str(info.value)
+    engine.dispose()
+
+
+def test_run_async_transaction_deadline_bounds_a_running_statement(pg: PostgresCluster) -> None:
+    async def main() -> float:
+        engine = create_async_resilient_engine(pg.url(driver="asyncpg"))
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(dbresilience.StatementTimeout):
+                await dbresilience.run_async_transaction(
+                    engine,
+                    lambda c: c.execute(text("select pg_sleep(30)")),
+                    policy=Policy(deadline=2.0),
+                )
+            return time.monotonic() - t0
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(main()) < 3.0
+
+
+def _monitor_backends(pg: PostgresCluster) -> int:
+    rows = pg.execute(
+        "select count(*) from pg_stat_activity where application_name = 'dbresilience-hang-monitor'"
+    )
+    return int(str(rows[0][0]))
+
+
+def test_monitoring_connection_counted_and_closed_on_dispose(pg: PostgresCluster) -> None:
+    engine = create_resilient_engine(pg.url())
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))
+    deadline = time.monotonic() + 5
+    while _monitor_backends(pg) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)  # opened ahead of need, by the monitor's thread
+    assert _monitor_backends(pg) == 1
+    assert get_stats(engine)["hang.monitor.connections"] == 1
+    monitor = dbresilience._engine_hooks.resilience_of(engine).monitor
+    assert monitor.connections == 1
+    engine.dispose()
+    deadline = time.monotonic() + 5
+    while _monitor_backends(pg) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _monitor_backends(pg) == 0 and monitor.connections == 0
+
+
+def test_monitor_never_keeps_the_process_from_exiting(pg: PostgresCluster) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "from sqlalchemy import text\n"
+        "from dbresilience import create_resilient_engine\n"
+        f"e = create_resilient_engine({pg.url()!r})\n"
+        "c = e.connect(); c.execute(text('select pg_sleep(1.5)'))\n"  # the monitor looked
+        "print('done')\n"  # and exits without dispose()
+    )
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
+    assert time.monotonic() - t0 < 10
+
+
+def _child_sees_a_slow_query(engine: Engine, conn: Any) -> None:
+    try:
+        engine.dispose(close=False)
+        with engine.connect() as c:
+            c.execute(text("select pg_sleep(2)"))
+        conn.send(get_stats(engine).get("hang.slow", 0))
+    finally:
+        conn.close()
+
+
+def test_monitor_restarts_in_a_forked_child(pg: PostgresCluster) -> None:
+    import multiprocessing
+    import warnings
+
+    engine = create_resilient_engine(pg.url())
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child = ctx.Process(target=_child_sees_a_slow_query, args=(engine, child_end))
+        child.start()
+    try:
+        assert parent_end.poll(20)
+        slow_seen = parent_end.recv()
+    finally:
+        child.join(10)
+    assert slow_seen > 0  # the child's own monitor looked at its slow query
+    with engine.connect() as conn:  # and the parent's monitoring connection still works
+        conn.execute(text("select pg_sleep(1.5)"))
+    assert get_stats(engine).get("hang.slow", 0) > 0
+    assert not any(k.startswith("hang.aborted") for k in get_stats(engine))
+    engine.dispose()

@@ -13,6 +13,7 @@ import pytest
 from _support import check_exactly_once, ledger_workload
 from sqlalchemy import Engine, text
 
+import dbresilience
 from dbresilience import create_resilient_engine, get_stats
 from dbresilience.testing import PostgresCluster
 from dbresilience.testing._pgbouncer import PgBouncer, find_pgbouncer
@@ -105,3 +106,22 @@ def test_idle_connections_survive_a_postgres_restart_behind_pgbouncer(
     print(f"first statement after the restart: {time.monotonic() - started:.3f}s")
     engine.dispose()
 
+
+
+def test_hang_monitor_behind_pgbouncer_leaves_a_slow_query_alone(
+    pg: PostgresCluster, bouncer: PgBouncer
+) -> None:
+    engine = _engine(bouncer)
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))
+    t0 = time.monotonic()
+    with engine.connect() as conn:  # the backend pid the client knows is PgBouncer's
+        conn.execute(text("select pg_sleep(3)"))
+    took = time.monotonic() - t0
+    monitor = dbresilience._engine_hooks.resilience_of(engine).monitor
+    stats = get_stats(engine)
+    print(f"\nbehind PgBouncer: slow query took {took:.2f}s, {stats}")
+    assert monitor.behind_pooler  # noticed at connect: the pids differ
+    assert stats.get("hang.slow", 0) > 0  # looked into with the host-level probe only
+    assert not any(k.startswith("hang.aborted") for k in stats)
+    engine.dispose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 import weakref
 from collections.abc import Callable
@@ -27,9 +28,16 @@ __all__ = [
     "NO_DEADLINE",
     "EngineResilience",
     "during_commit",
+    "statement_deadline",
 ]
 
 NO_DEADLINE = 1e9  # seconds: "armed for the hang monitor only"
+
+#: Monotonic time by which the current ``run_transaction`` must be done (None outside one):
+#: a statement already running is cut off then too, not only at ``command_timeout``.
+statement_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "dbresilience_statement_deadline", default=None
+)
 
 # Marks set on an exception by the hook that saw it come out of the driver, read by the
 # handle_error hook (which sees the application's own exceptions too, e.g. from a

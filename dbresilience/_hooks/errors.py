@@ -19,6 +19,8 @@ What the other hooks marked decides what is known:
 
 from __future__ import annotations
 
+import time
+
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine.interfaces import ExceptionContext
 
@@ -32,6 +34,7 @@ from dbresilience._hooks._state import (
     FROM_DRIVER,
     EngineResilience,
     during_commit,
+    statement_deadline,
 )
 
 __all__ = ["ErrorHook"]
@@ -103,12 +106,17 @@ class ErrorHook:
         else:
             outcome = "the transaction did not commit (its connection is closed)"
         if why == "deadline":
+            limit = statement_deadline.get()
+            within = (
+                "run_transaction's deadline"
+                if limit is not None and time.monotonic() >= limit - 0.2
+                else f"command_timeout={self.state.call_bound:g}s"
+            )
             return Classification(
                 ErrorKind.TIMEOUT,
                 None,
-                f"no reply within command_timeout={self.state.call_bound:g}s: the statement "
-                f"was cut off and the server asked to cancel it; it was not run again, and "
-                f"{outcome}",
+                f"no reply within {within}: the statement was cut off and the server asked to "
+                f"cancel it; it was not run again, and {outcome}",
             )
         # The hang monitor: the link is dead (the server says this backend is not running the
         # statement) or the host does not answer. Inside a transaction nothing committed:

@@ -29,7 +29,13 @@ from sqlalchemy.engine.interfaces import Dialect, ExecuteStyle
 from dbresilience import _sqla
 from dbresilience._classification import ErrorKind, classify
 from dbresilience._drivers import Position
-from dbresilience._hooks._state import CUT_OFF, CUT_REASON, FROM_DRIVER, EngineResilience
+from dbresilience._hooks._state import (
+    CUT_OFF,
+    CUT_REASON,
+    FROM_DRIVER,
+    EngineResilience,
+    statement_deadline,
+)
 
 __all__ = ["IDEMPOTENT_OPTION", "StatementGuard"]
 
@@ -81,6 +87,7 @@ class StatementGuard:
         replay = self._replay
         cut = state.cut
         fairy_of = _sqla.fairy_of_context
+        limit_of = statement_deadline.get
 
         def guarded(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
             if context is None:  # called outside any execution: nothing to replay it with
@@ -89,7 +96,11 @@ class StatementGuard:
             # Read *before* executing: afterwards a broken connection reports nothing useful.
             position = position_of(raw)
             if bound:  # the watchdog, armed inline
-                armed[raw] = (_monotonic() + bound, state)
+                until = _monotonic() + bound
+                limit = limit_of()  # run_transaction's deadline
+                if limit is not None and limit < until:
+                    until = limit
+                armed[raw] = (until, state)
             try:
                 if direct:
                     getattr(cursor, method)(statement, parameters)
