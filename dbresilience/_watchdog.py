@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from dbresilience._observability import logger
 
-__all__ = ["TICK", "Guarded", "Watchdog", "watchdog"]
+__all__ = ["TICK", "Entry", "Guarded", "Watchdog", "watchdog"]
 
 TICK = 0.1  # seconds between checks
 
@@ -47,20 +47,24 @@ class Guarded(Protocol):
     def overran(self) -> None: ...
 
 
+#: An armed call: (deadline, owner, started), monotonic seconds.
+Entry = tuple[float, Guarded, float]
+
+
 class Watchdog:
     """Shuts down sockets of calls that overran their deadline."""
 
     def __init__(self, tick: float = TICK) -> None:
         self._tick = tick
         # connection -> (deadline, owner): one blocking call per connection at a time.
-        self._armed: dict[Any, tuple[float, Guarded]] = {}
+        self._armed: dict[Any, Entry] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @property
-    def armed(self) -> dict[Any, tuple[float, Guarded]]:
+    def armed(self) -> dict[Any, Entry]:
         """The watched calls, for hot paths that arm inline (``armed[conn] = (deadline,
-        owner)`` then ``armed.pop(conn, None)``). Call :meth:`start` first."""
+        owner, started)`` then ``armed.pop(conn, None)``). Call :meth:`start` first."""
         return self._armed
 
     def start(self) -> None:
@@ -102,7 +106,8 @@ class Watchdog:
         """
         if self._thread is None:
             self._start()
-        self._armed[connection] = (time.monotonic() + seconds, owner)
+        now = time.monotonic()
+        self._armed[connection] = (now + seconds, owner, now)
 
     def disarm(self, connection: object) -> None:
         """The call on ``connection`` returned (or failed): stop watching it."""
@@ -132,7 +137,7 @@ class Watchdog:
             )
             raise
 
-    def _sweep(self, now: float, seen: list[tuple[Any, tuple[float, Guarded]]]) -> None:
+    def _sweep(self, now: float, seen: list[tuple[Any, Entry]]) -> None:
         """Fire on the calls of ``seen`` (a snapshot of the armed ones) overdue at ``now``."""
         armed = self._armed
         for connection, entry in seen:
@@ -147,7 +152,7 @@ class Watchdog:
             ):
                 self._fire(connection, entry[1], "deadline")
 
-    def cut(self, connection: object, entry: tuple[float, Guarded], reason: str) -> bool:
+    def cut(self, connection: object, entry: Entry, reason: str) -> bool:
         """Cut the call ``entry`` on ``connection`` off now (the hang monitor's verdict),
         if it is still the one armed; True if it was."""
         armed = self._armed

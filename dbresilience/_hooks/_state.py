@@ -77,7 +77,7 @@ class EngineResilience:
         # they are armed with a deadline that never comes.
         bound = policy.command_timeout or (NO_DEADLINE if policy.hang_threshold else 0.0)
         self.call_bound = bound if self.driver.needs_watchdog else 0.0
-        self.armed = watchdog.armed  # hot paths arm inline: armed[conn] = (deadline, self)
+        self.armed = watchdog.armed  # hot paths arm inline: armed[conn] = (deadline, self, now)
         # Calls the watchdog cut off -> (when: monotonic s, why); popped by the statement guard.
         self.cut: dict[Any, tuple[float, str]] = {}
         self.monitor: Any = None  # the HangMonitor, when hang_threshold is set

@@ -95,7 +95,8 @@ def install_commit_and_rollback(state: EngineResilience, engine: Engine) -> None
         # Runs at every checkin (SQLAlchemy's reset-on-return): the watchdog armed inline, on
         # the pool's proxy as it comes (the drivers' fileno() see through it).
         if bound:
-            armed[dbapi_connection] = (_monotonic() + bound, state)
+            now = _monotonic()
+            armed[dbapi_connection] = (now + bound, state, now)
         try:
             if direct:
                 getattr(dbapi_connection, "dbapi_connection", dbapi_connection).rollback()

@@ -70,6 +70,12 @@ class Connector:
         self._do_connect_runs += 1
         state = self.state
         state.driver.apply_network_defaults(cparams, state.policy, budget=connect_budget.get())
+        monitor = state.monitor
+        if monitor is not None and monitor.hung:
+            from dbresilience._hooks.hangs import try_hung_hosts_last
+
+            if try_hung_hosts_last(cparams, monitor.hung_addresses()):
+                state.stats.incr("hang.hosts-reordered")
 
     def hook_creator(self, pool: Pool) -> None:
         """Wrap ``pool``'s creator (SQLAlchemy's, which runs the ``do_connect`` listeners, or

@@ -46,10 +46,12 @@ from dbresilience._hooks._state import EngineResilience
 from dbresilience._observability import logger
 from dbresilience._watchdog import watchdog
 
-__all__ = ["RECHECK", "TICK", "HangMonitor"]
+__all__ = ["HUNG_FOR", "RECHECK", "TICK", "HangMonitor", "try_hung_hosts_last"]
 
 TICK = 0.2  # seconds between looks at the calls in flight
 RECHECK = 1.0  # seconds between looks at the same slow query
+CONFIRM = 0.3  # seconds: a link is found dead twice, this far apart, before it is aborted
+HUNG_FOR = 30.0  # seconds a host found hung is tried last by new connections
 
 _ACTIVITY_SQL = (
     "select pid, state, wait_event_type, wait_event from pg_stat_activity where pid = any({})"
@@ -78,7 +80,12 @@ class HangMonitor:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._looked_at: dict[Any, float] = {}  # connection -> when its slow query was seen
+        # connection -> (entry, when) its backend was first seen idle/gone while it waited: a
+        # client that was just slow to read its reply would have moved on by the second look.
+        self._seen_dead: dict[Any, tuple[Any, float]] = {}
         self._to_warm: set[tuple[str, int]] = set()
+        # address -> when it was found hung: new connections try it last (multi-host URLs)
+        self.hung: dict[tuple[str, int], float] = {}
         _monitors.add(self)
 
     # -- life cycle --------------------------------------------------------------------------
@@ -99,8 +106,10 @@ class HangMonitor:
             system_id = record.info.get(SYSTEM_ID_KEY)
             if system_id is not None:
                 self.system_ids[address] = system_id
-            if address not in self._probers:
-                self._to_warm.add(address)  # connected ahead, not when a hang is suspected
+            if address not in self._probers and address not in self.behind_pooler:
+                # Connected ahead, not when a hang is suspected. Not through a pooler: an idle
+                # client there is one more server login to redo after every server restart.
+                self._to_warm.add(address)
         self.ensure_running()
 
     def ensure_running(self) -> None:
@@ -137,7 +146,13 @@ class HangMonitor:
             prober.forget()
         self._probers = {}
         self._looked_at = {}
+        self._seen_dead = {}
         self._to_warm = set()
+
+    def hung_addresses(self, within: float = HUNG_FOR) -> set[tuple[str, int]]:
+        """Addresses found hung less than ``within`` seconds ago."""
+        now = time.monotonic()
+        return {a for a, t in list(self.hung.items()) if now - t < within}
 
     @property
     def connections(self) -> int:
@@ -160,7 +175,7 @@ class HangMonitor:
         now = time.monotonic()
         waiting: dict[tuple[str, int], list[tuple[Any, Any]]] = {}
         for connection, entry in list(state.armed.items()):
-            if entry[1] is not state or now - (entry[0] - state.call_bound) < self.threshold:
+            if entry[1] is not state or now - entry[2] < self.threshold:
                 continue
             if now - self._looked_at.get(connection, 0.0) < RECHECK:
                 continue
@@ -174,6 +189,7 @@ class HangMonitor:
         self._looked_at = {
             c: t for c, t in self._looked_at.items() if c in state.armed and now - t < 60
         }
+        self._seen_dead = {c: v for c, v in self._seen_dead.items() if c in state.armed}
         for address, calls in waiting.items():
             self._judge(address, calls, now)
 
@@ -203,24 +219,73 @@ class HangMonitor:
                 "dbresilience hang monitor: %s:%s does not answer; aborting %d call(s), engine=%s",
                 address[0], address[1], len(calls), state.name,
             )
+            self.hung[address] = time.monotonic()
             for connection, entry, _ in calls:
                 watchdog.cut(connection, entry, "host-hung")
             engine = self.engine_ref()
             if engine is not None:
                 _sqla.invalidate_all(engine.pool)
             return
+        self.hung.pop(address, None)  # it answers again
         for connection, entry, pid in calls:
             row = None if pooled or not pid else activity.get(pid)
             if pooled or (row is not None and _still_working(row)):
                 self._looked_at[connection] = now
+                self._seen_dead.pop(connection, None)
                 state.stats.incr("hang.slow")
                 continue
+            first = self._seen_dead.get(connection)
+            if first is None or first[0] is not entry:
+                self._seen_dead[connection] = (entry, now)
+                self._looked_at[connection] = now - RECHECK + CONFIRM  # look again soon
+                continue
+            if now - first[1] < CONFIRM:
+                continue
+            del self._seen_dead[connection]
             logger.warning(
                 "dbresilience hang monitor: backend %s is %s while its client waits: link dead, "
                 "connection aborted, engine=%s",
                 pid, "gone" if row is None else row[0], state.name,
             )
             watchdog.cut(connection, entry, "dead-link")
+
+
+def try_hung_hosts_last(cparams: dict[str, Any], hung: set[tuple[str, int]]) -> bool:
+    """Reorder a multi-host ``cparams`` (libpq's ``host``/``port`` lists as strings, or
+    asyncpg's lists) so that the ``hung`` addresses come last; True if anything moved.
+
+    libpq and asyncpg try the hosts in order, each for its whole connect timeout: a frozen
+    former primary first in the list would cost every new connection that long.
+    """
+    host, port = cparams.get("host"), cparams.get("port")
+    as_text = isinstance(host, str)
+    hosts = host.split(",") if isinstance(host, str) else list(host or [])
+    if len(hosts) < 2:
+        return False
+    ports_in = port.split(",") if isinstance(port, str) else port
+    ports = list(ports_in) if isinstance(ports_in, (list, tuple)) else [port] * len(hosts)
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    if len(ports) != len(hosts):
+        return False
+    pairs = list(zip(hosts, ports, strict=True))
+
+    def is_hung(pair: tuple[Any, Any]) -> bool:
+        try:
+            return (str(pair[0]), int(pair[1] or 5432)) in hung
+        except ValueError:
+            return False
+
+    ordered = sorted(pairs, key=is_hung)  # stable: the others keep their order
+    if ordered == pairs:
+        return False
+    if as_text:
+        cparams["host"] = ",".join(str(h) for h, _ in ordered)
+        cparams["port"] = ",".join(str(p) for _, p in ordered)
+    else:
+        cparams["host"] = [h for h, _ in ordered]
+        cparams["port"] = [p for _, p in ordered]
+    return True
 
 
 def _still_working(row: tuple[Any, ...]) -> bool:

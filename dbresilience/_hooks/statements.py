@@ -96,11 +96,12 @@ class StatementGuard:
             # Read *before* executing: afterwards a broken connection reports nothing useful.
             position = position_of(raw)
             if bound:  # the watchdog, armed inline
-                until = _monotonic() + bound
+                now = _monotonic()
+                until = now + bound
                 limit = limit_of()  # run_transaction's deadline
                 if limit is not None and limit < until:
                     until = limit
-                armed[raw] = (until, state)
+                armed[raw] = (until, state, now)
             try:
                 if direct:
                     getattr(cursor, method)(statement, parameters)
