@@ -30,7 +30,7 @@ def _summary(script: str, *args: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("script", "engines"),
     [
-        ("bench_checkout.py", {"pre_ping", "resilient"}),
+        ("bench_checkout.py", {"pre_ping", "resilient", "no_monitor"}),
         ("bench_commit.py", {"resilient_no_verify", "resilient"}),
         ("bench_async_checkout.py", {"pre_ping", "resilient"}),
     ],
