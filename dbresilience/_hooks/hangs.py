@@ -91,10 +91,17 @@ class HangMonitor:
     # -- life cycle --------------------------------------------------------------------------
 
     def install(self, engine: Engine) -> None:
-        """Listen to the engine's ``connect`` (after the facts are read: is a pooler in
-        between?) and ``engine_disposed`` (close the monitoring connections)."""
+        """Listen to the pool's ``connect`` (after the facts are read: is a pooler in
+        between?) and close the monitoring connections when ``engine.dispose()`` replaces the
+        pool. (Not the ``engine_disposed`` event: any engine-level listener turns on
+        SQLAlchemy's event dispatch for every statement of the engine.)"""
         event.listen(engine, "connect", self.on_connect)
-        event.listen(engine, "engine_disposed", lambda _: self.close())
+
+        def on_recreate(pool: Any) -> None:
+            self.close()
+            _sqla.on_recreate(pool, on_recreate)
+
+        _sqla.on_recreate(engine.pool, on_recreate)
 
     def on_connect(self, dbapi_conn: Any, record: Any) -> None:
         server_pid = record.info.get(SERVER_PID_KEY)
