@@ -41,6 +41,19 @@ from dbresilience.testing import ChaosProxy, PostgresCluster
 CUT = 1.5
 
 
+def _slow_commit(pg: PostgresCluster, table: str, *, seconds: int) -> None:
+    """COMMITs of transactions that inserted into ``table`` take ``seconds`` on the server
+    (a deferred constraint trigger sleeps)."""
+    pg.execute(
+        "create function slow() returns trigger language plpgsql as "
+        f"$$ begin perform pg_sleep({seconds}); return null; end $$"
+    )
+    pg.execute(
+        f"create constraint trigger slow after insert on {table} deferrable initially deferred "
+        "for each row execute function slow()"
+    )
+
+
 def _running(pg: PostgresCluster, needle: str) -> int:
     """How many backends are running a statement containing ``needle``."""
     rows = pg.execute(
@@ -568,14 +581,7 @@ def test_commit_check_polls_on_one_connection_until_the_commit_finishes(
 ) -> None:
     pg.execute("create table ledger (id int primary key)")
     # A COMMIT that takes 2 s on the server: a deferred constraint trigger sleeps.
-    pg.execute(
-        "create function slow() returns trigger language plpgsql as "
-        "$$ begin perform pg_sleep(2); return null; end $$"
-    )
-    pg.execute(
-        "create constraint trigger slow after insert on ledger deferrable initially deferred "
-        "for each row execute function slow()"
-    )
+    _slow_commit(pg, "ledger", seconds=2)
     # The hang monitor's connection (its do_connect run too) is not the subject here.
     engine = create_resilient_engine(
         pg.url(port=proxy.port), policy=Policy(hang_threshold=0)
@@ -631,14 +637,7 @@ def test_commit_check_is_not_refused_by_an_open_breaker(
 def test_commit_check_connection_closed_when_cancelled(pg: PostgresCluster) -> None:
     """asyncio: the task is cancelled while the check waits; nothing is left open."""
     pg.execute("create table ledger (id int primary key)")
-    pg.execute(
-        "create function slow() returns trigger language plpgsql as "
-        "$$ begin perform pg_sleep(3); return null; end $$"
-    )
-    pg.execute(
-        "create constraint trigger slow after insert on ledger deferrable initially deferred "
-        "for each row execute function slow()"
-    )
+    _slow_commit(pg, "ledger", seconds=3)
 
     async def main() -> None:
         with ChaosProxy(pg.host, pg.port) as proxy:
@@ -686,14 +685,7 @@ def test_commit_check_after_a_crash_never_trusts_a_reused_xid() -> None:
 def _crash_during_commit_then_reuse(pg: PostgresCluster, proxy: ChaosProxy) -> None:
     pg.execute("create table orders (id int primary key)")
     pg.execute("create table other (id serial)")
-    pg.execute(
-        "create function slow() returns trigger language plpgsql as "
-        "$$ begin perform pg_sleep(3); return null; end $$"
-    )
-    pg.execute(
-        "create constraint trigger slow after insert on orders deferrable initially deferred "
-        "for each row execute function slow()"
-    )
+    _slow_commit(pg, "orders", seconds=3)
     engine = create_resilient_engine(
         pg.url(port=proxy.port), policy=Policy(commit_check_timeout=20, attempts=1)
     )
