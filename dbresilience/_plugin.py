@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL, CreateEnginePlugin, Engine
 
-from dbresilience._engine import check_url
+from dbresilience._engine import ASYNC_DRIVERS, SYNC_DRIVERS, check_url
 from dbresilience._engine_hooks import IDEMPOTENT_OPTION, install
 from dbresilience._errors import ConfigurationError
 from dbresilience._policy import Policy
@@ -90,6 +90,12 @@ class ResiliencePlugin(CreateEnginePlugin):
     def __init__(self, url: URL, kwargs: dict[str, Any]) -> None:
         super().__init__(url, kwargs)
         self.is_async = bool(kwargs.get("_is_async", False))
+        driver = url.get_driver_name() if "+" in url.drivername else None
+        if driver in ASYNC_DRIVERS and driver not in SYNC_DRIVERS:
+            # create_engine() with an asyncio driver: a sync Engine that SQLAlchemy drives from
+            # greenlets (its own test suite does), hooked like an AsyncEngine's sync_engine.
+            # Used outside a greenlet it fails as it would without the plugin (MissingGreenlet).
+            self.is_async = True
         check_url(url, is_async=self.is_async)
         if "+" not in url.drivername:  # the default driver: psycopg2 on SQLAlchemy 2.0
             default = url.get_dialect(_is_async=self.is_async).driver
