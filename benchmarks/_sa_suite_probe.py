@@ -4,12 +4,12 @@ With ``DBRESILIENCE_SA_SUITE_MODE=plugin`` (the suite's ``--dburi`` then ends in
 ``?plugin=dbresilience``):
 
 * checks that the suite's main engine (``sqlalchemy.testing.config.db``) is resilient, and
-  fails the whole run at once if it is not;
-* makes every other PostgreSQL engine the suite builds with ``testing_engine()`` resilient
-  too: they are made from ``config.db.url``, which SQLAlchemy stripped of ``plugin=``, so the
-  plugin is added to the suite's shared engine options (``config.db_opts``) under a name
-  registered here, ``dbresilience_suite``: dbresilience's plugin, except that it leaves the
-  non-PostgreSQL engines (a few tests make SQLite ones) alone.
+  stops the run at once if it is not;
+* gives the plugin to every other engine the suite's ``testing_engine()`` builds *on the same
+  database* (same driver, host, port and database as the main engine): they are made from
+  ``config.db.url``, which SQLAlchemy stripped of ``plugin=``. Engines on other URLs (SQLite,
+  ``postgresql+psycopg2://`` over a mock DBAPI) and engines given a mock DBAPI (``module=``)
+  are left alone: they never reach the server, and the plugin refuses a psycopg2 URL by design.
 
 At the end it writes ``{"mode", "main_engine_resilient", "engines_installed"}`` as JSON to
 ``DBRESILIENCE_SA_SUITE_REPORT``. With ``DBRESILIENCE_SA_SUITE_MODE=plain`` it only reports.
@@ -32,25 +32,6 @@ REPORT = os.environ.get("DBRESILIENCE_SA_SUITE_REPORT")
 _installed: list[int] = [0]
 
 
-class SuitePlugin(ResiliencePlugin):
-    """dbresilience's plugin for PostgreSQL URLs; nothing for the others."""
-
-    def __init__(self, url: URL, kwargs: dict[str, Any]) -> None:
-        self.active = url.get_backend_name() == "postgresql"
-        if self.active:
-            super().__init__(url, kwargs)
-        else:
-            self.url = url
-
-    def update_url(self, url: URL) -> URL:
-        return super().update_url(url) if self.active else url
-
-    def engine_created(self, engine: Engine) -> None:
-        if self.active:
-            super().engine_created(engine)
-            _installed[0] += 1
-
-
 class CountingPlugin(ResiliencePlugin):
     """dbresilience's plugin, counted (the ``?plugin=dbresilience`` of the main engine)."""
 
@@ -59,7 +40,6 @@ class CountingPlugin(ResiliencePlugin):
         _installed[0] += 1
 
 
-plugins.register("dbresilience_suite", __name__, "SuitePlugin")
 if MODE == "plugin":
     # Shadows the installed entry point for this run only, to count the main engine too.
     plugins.register("dbresilience", __name__, "CountingPlugin")
@@ -70,8 +50,9 @@ def _main_engine_resilient() -> bool:
 
     from dbresilience._engine_hooks import resilience_of
 
+    db: Any = config.db  # typed as None until the suite configures it
     try:
-        resilience_of(config.db)  # type: ignore[arg-type]  # untyped: None until configured
+        resilience_of(db)
     except ValueError:
         return False
     return True
@@ -83,10 +64,33 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         return
     if not _main_engine_resilient():
         pytest.exit("the suite's main engine is not resilient: is ?plugin=dbresilience in --dburi?")
-    from sqlalchemy.testing import config
+    _give_testing_engines_the_plugin()
 
-    for cfg in config.Config.all_configs():  # type: ignore[no-untyped-call]
-        cfg.db_opts["plugins"] = ["dbresilience_suite"]
+
+def _give_testing_engines_the_plugin() -> None:
+    import sys
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.testing import config, engines
+
+    original = engines.testing_engine
+    db: Any = config.db  # typed as None until the suite configures it
+    main: URL = db.url
+    key = (main.drivername, main.host, main.port, main.database)
+
+    def testing_engine(url: Any = None, options: Any = None, **kw: Any) -> Any:
+        target = main if url is None else url
+        if isinstance(target, (str, URL)) and not (options or {}).get("module"):
+            target = make_url(target)
+            if (target.drivername, target.host, target.port, target.database) == key:
+                options = {**(options or {}), "plugins": ["dbresilience"]}
+        return original(url, options, **kw)
+
+    # Test modules are imported later (collection) and get it from sqlalchemy.testing.engines;
+    # the suite's own modules imported it already.
+    for module in list(sys.modules.values()):
+        if getattr(module, "testing_engine", None) is original:
+            module.__dict__["testing_engine"] = testing_engine
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
