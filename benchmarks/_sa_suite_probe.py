@@ -8,8 +8,9 @@ With ``DBRESILIENCE_SA_SUITE_MODE=plugin`` (the suite's ``--dburi`` then ends in
 * gives the plugin to every other engine the suite's ``testing_engine()`` builds *on the same
   database* (same driver, host, port and database as the main engine): they are made from
   ``config.db.url``, which SQLAlchemy stripped of ``plugin=``. Engines on other URLs (SQLite,
-  ``postgresql+psycopg2://`` over a mock DBAPI) and engines given a mock DBAPI (``module=``)
-  are left alone: they never reach the server, and the plugin refuses a psycopg2 URL by design.
+  ``postgresql+psycopg2://`` over a mock DBAPI, a ``Mock`` posing as a URL) are left alone:
+  they never reach the server, and the plugin refuses a psycopg2 URL by design. Engines on
+  the suite's URL with a wrapped DBAPI (``module=``: ``reconnecting_engine()``) do get it.
 
 At the end it writes ``{"mode", "main_engine_resilient", "engines_installed"}`` as JSON to
 ``DBRESILIENCE_SA_SUITE_REPORT``. With ``DBRESILIENCE_SA_SUITE_MODE=plain`` it only reports.
@@ -80,7 +81,7 @@ def _give_testing_engines_the_plugin() -> None:
 
     def testing_engine(url: Any = None, options: Any = None, **kw: Any) -> Any:
         target = main if url is None else url
-        if isinstance(target, (str, URL)) and not (options or {}).get("module"):
+        if isinstance(target, (str, URL)):
             target = make_url(target)
             if (target.drivername, target.host, target.port, target.database) == key:
                 options = {**(options or {}), "plugins": ["dbresilience"]}
