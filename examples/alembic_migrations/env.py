@@ -10,9 +10,10 @@ What the resilient engine changes for a migration:
   at once.
 * On PostgreSQL, Alembic runs ``upgrade`` in **one transaction** (transactional DDL: every
   pending migration and the ``alembic_version`` update, then one COMMIT).
-* A migration statement is never replayed. The only statement dbresilience ever re-runs is a
-  transaction's *first* one, and only when it failed because the connection was dead: it
-  started the transaction, so nothing of the migration had run yet.
+* A migration statement is never replayed. dbresilience only ever re-runs a transaction's
+  *first* statement, when it failed because the connection was dead: the transaction it
+  started cannot have committed anything, so only the re-run can take effect. Here that
+  statement is Alembic's own look-up of ``alembic_version``, never a migration's.
 * When the connection dies in the middle of the migration, ``alembic upgrade`` fails with
   ``dbresilience.DisconnectError`` (an ``OperationalError``); the server rolls the whole
   transaction back: no table half-altered, ``alembic_version`` unchanged. Run
@@ -21,11 +22,11 @@ What the resilient engine changes for a migration:
   committed (``pg_xact_status``): committed -> success; rolled back -> ``DisconnectError``,
   run it again; unknowable (e.g. the server stayed down for ``commit_check_timeout``) ->
   ``CommitOutcomeUnknown``: look at ``alembic current`` before running it again.
-* Migrations outside that transaction (``transaction_per_migration=True`` commits each
-  one; ``op.get_context().autocommit_block()`` for ``CREATE INDEX CONCURRENTLY``) are never
-  replayed either (autocommit), and a failure leaves the ones before it applied: rerunning
-  ``upgrade`` resumes after the last committed one, but a failed ``CONCURRENTLY`` build
-  leaves an INVALID index to drop first.
+* With ``transaction_per_migration=True`` each migration commits on its own: a failure
+  leaves the ones before it applied (``alembic upgrade head`` again resumes after them), and
+  a migration's first statement may be re-run as above (nothing of its transaction ran).
+  Statements in ``op.get_context().autocommit_block()`` (``CREATE INDEX CONCURRENTLY``) are
+  never re-run; a failed concurrent build leaves an INVALID index to drop before rerunning.
 * ``command_timeout`` is off here (``0``): a migration statement may legitimately run for
   minutes (an index build, a backfill) and the default 60 s watchdog would cut it off. Set a
   bound above your longest statement if you prefer one.
