@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL, CreateEnginePlugin, Engine
 
+from dbresilience import _sqla
 from dbresilience._engine import ASYNC_DRIVERS, SYNC_DRIVERS, check_url
 from dbresilience._engine_hooks import IDEMPOTENT_OPTION, install
 from dbresilience._errors import ConfigurationError
@@ -89,7 +90,7 @@ class ResiliencePlugin(CreateEnginePlugin):
 
     def __init__(self, url: URL, kwargs: dict[str, Any]) -> None:
         super().__init__(url, kwargs)
-        self.is_async = bool(kwargs.get("_is_async", False))
+        self.is_async = _sqla.plugin_is_async(kwargs)
         driver = url.get_driver_name() if "+" in url.drivername else None
         if driver in ASYNC_DRIVERS and driver not in SYNC_DRIVERS:
             # create_engine() with an asyncio driver: a sync Engine that SQLAlchemy drives from
@@ -98,7 +99,7 @@ class ResiliencePlugin(CreateEnginePlugin):
             self.is_async = True
         check_url(url, is_async=self.is_async)
         if "+" not in url.drivername:  # the default driver: psycopg2 on SQLAlchemy 2.0
-            default = url.get_dialect(_is_async=self.is_async).driver
+            default = _sqla.dialect_class(url, is_async=self.is_async).driver
             check_url(url.set(drivername=f"postgresql+{default}"), is_async=self.is_async)
         self.policy = self._policy(url, kwargs)
 
