@@ -134,7 +134,8 @@ def run_suite(sdist: Path, driver: str, mode: str, tests: list[str], workdir: Pa
         xml = workdir / f"junit-{driver}-{mode}.xml"
         probe = workdir / f"probe-{driver}-{mode}.json"
         cmd = [sys.executable, "-s", "-m", "pytest", *tests, "--dburi", url]
-        cmd += ["-p", "no:cacheprovider", "-p", "no:asyncio", "-p", "_sa_suite_probe"]
+        cmd += ["-p", "no:cacheprovider", "-p", "no:asyncio", "-p", "no:dbresilience"]
+        cmd += ["-p", "_sa_suite_probe"]
         cmd += ["--maxfail=1000000", "-q", "--tb=short", f"--junitxml={xml}"]
         if importlib.util.find_spec("pytest_timeout") is not None:
             cmd += ["--timeout=300"]
