@@ -27,9 +27,10 @@ What the resilient engine changes for a migration:
   a migration's first statement may be re-run as above (nothing of its transaction ran).
   Statements in ``op.get_context().autocommit_block()`` (``CREATE INDEX CONCURRENTLY``) are
   never re-run; a failed concurrent build leaves an INVALID index to drop before rerunning.
-* ``command_timeout`` is off here (``0``): a migration statement may legitimately run for
-  minutes (an index build, a backfill) and the default 60 s watchdog would cut it off. Set a
-  bound above your longest statement if you prefer one.
+* ``command_timeout`` is off here (``0``): a migration statement may run longer than its
+  default 300 s cap (an index build, a backfill). Hangs are still caught: the hang monitor
+  leaves a statement the server is running or a lock wait alone, and aborts a dead link or a
+  hung server's calls within seconds.
 """
 
 from __future__ import annotations
