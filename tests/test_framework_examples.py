@@ -80,15 +80,16 @@ def fastapi_server(pg: PostgresCluster, request: pytest.FixtureRequest) -> Itera
 
 
 def test_fastapi_burst_through_a_restart_fails_no_request(
-    pg: PostgresCluster, fastapi_server: str
+    pg: PostgresCluster, fastapi_server: str, request: pytest.FixtureRequest
 ) -> None:
-    clients, duration, restart_at = 24, 4.0, 1.0
+    driver = request.node.callspec.params["fastapi_server"]
+    clients, restart_at, then = 24, 1.0, 2.0  # restart 1 s in; go on 2 s after it
     spans: list[tuple[float, float]] = []  # (start, end) of every request, monotonic s
     failures: list[str] = []
     acknowledged: set[int] = set()
     down: list[float] = []  # when the restart began and when the server was back
 
-    async def request(client: httpx.AsyncClient, method: str, path: str, **kw: Any) -> Any:
+    async def call(client: httpx.AsyncClient, method: str, path: str, **kw: Any) -> Any:
         start = time.monotonic()
         try:
             response = await client.request(method, path, **kw)
@@ -102,28 +103,30 @@ def test_fastapi_burst_through_a_restart_fails_no_request(
             return None
         return response.json()
 
-    async def client_loop(client: httpx.AsyncClient, n: int, stop: float) -> None:
+    async def client_loop(client: httpx.AsyncClient, n: int, stop: asyncio.Event) -> None:
         seq = 0
-        while time.monotonic() < stop:
+        while not stop.is_set():
             seq += 1
             item = f"c{n}-{seq}"
-            placed = await request(client, "POST", "/orders", json={"item": item})
+            placed = await call(client, "POST", "/orders", json={"item": item})
             if placed is None:
                 continue
             acknowledged.add(placed["id"])
-            got = await request(client, "GET", f"/orders/{placed['id']}")
+            got = await call(client, "GET", f"/orders/{placed['id']}")
             if got is not None and got["item"] != item:
                 failures.append(f"order {placed['id']} is {got['item']!r}, not {item!r}")
 
     async def burst() -> None:
         limits = httpx.Limits(max_connections=clients)
         async with httpx.AsyncClient(base_url=fastapi_server, timeout=60, limits=limits) as client:
-            stop = time.monotonic() + duration
+            stop = asyncio.Event()
             loops = [asyncio.create_task(client_loop(client, n, stop)) for n in range(clients)]
             await asyncio.sleep(restart_at)
             down.append(time.monotonic())
             await asyncio.to_thread(pg.restart, down_for=1.0)
             down.append(time.monotonic())
+            await asyncio.sleep(then)
+            stop.set()
             await asyncio.gather(*loops)
 
     asyncio.run(burst())
@@ -131,12 +134,13 @@ def test_fastapi_burst_through_a_restart_fails_no_request(
     across = sum(1 for start, end in spans if start < down[1] and end > down[0])
     after = sum(1 for start, _ in spans if start > down[1])
     print(
-        f"\nFastAPI burst, {clients} clients, {duration:.0f} s, server restarted (down 1 s): "
+        f"\nFastAPI ({driver}), {clients} concurrent clients, server restarted (down 1 s) "
+        f"{restart_at:.0f} s in: "
         f"{len(spans)} requests sent, {len(failures)} failed, longest {longest:.3f} s "
         f"({across} in flight during the restart, {after} sent after it)"
     )
     assert not failures, failures[:5]
-    assert across >= clients and after >= clients  # the burst did span the restart
+    assert across >= clients and after > 0  # the burst did span the restart
     # Every acknowledged order is in the table, exactly once.
     rows = pg.execute("select id from fastapi_orders")
     assert acknowledged <= {int(str(r[0])) for r in rows}
