@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy
-from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.engine import URL
+from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 __all__ = [
@@ -24,12 +25,14 @@ __all__ = [
     "asyncpg_adapter_transaction",
     "check_version",
     "checkin_failed",
+    "dialect_class",
     "fairy_of_context",
     "finalize_callbacks",
     "invalidate_all",
     "invalidate_older",
     "invoke_creator",
     "on_recreate",
+    "plugin_is_async",
     "pool_creator",
     "reapply_characteristics",
     "record_of",
@@ -152,3 +155,19 @@ def reapply_characteristics(connection: Any, dbapi_connection: Any) -> None:
             setter(dialect, connection, dbapi_connection, options[name])
         else:
             characteristic.set_characteristic(dialect, dbapi_connection, options[name])
+
+
+# -- create_engine plugins ----------------------------------------------------------------------
+
+
+def plugin_is_async(kwargs: dict[str, Any]) -> bool:
+    """Whether a ``CreateEnginePlugin`` was given the keyword arguments of
+    ``create_async_engine`` (which calls ``create_engine`` with the private ``_is_async=True``,
+    seen by the plugin's ``__init__``)."""
+    return bool(kwargs.get("_is_async", False))
+
+
+def dialect_class(url: URL, *, is_async: bool) -> type[Dialect]:
+    """The dialect class ``create_engine`` / ``create_async_engine`` would build for ``url``,
+    without importing its DBAPI (``URL.get_dialect``'s private ``_is_async``)."""
+    return url.get_dialect(_is_async=is_async)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 import pytest
 from sqlalchemy import create_engine, event, text
+from sqlalchemy.dialects import plugins
+from sqlalchemy.engine import URL, CreateEnginePlugin, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
@@ -153,3 +155,30 @@ def test_check_version() -> None:
         _sqla.check_version("2.0.15")
     with pytest.warns(RuntimeWarning, match=r"2\.2\.0"):
         _sqla.check_version("2.2.0")
+
+
+class _CapturePlugin(CreateEnginePlugin):
+    """Records what the dialect helpers in _sqla see from inside a plugin."""
+
+    seen: ClassVar[list[bool]] = []
+
+    def __init__(self, url: URL, kwargs: dict[str, Any]) -> None:
+        super().__init__(url, kwargs)
+        _CapturePlugin.seen.append(_sqla.plugin_is_async(kwargs))
+
+    def update_url(self, url: URL) -> URL:
+        return url
+
+
+def test_plugin_is_async_and_dialect_class() -> None:
+    plugins.register("dbr_capture", __name__, "_CapturePlugin")
+    _CapturePlugin.seen.clear()
+    create_engine("postgresql+psycopg://u@h/db", plugins=["dbr_capture"]).dispose()
+    create_async_engine("postgresql+psycopg://u@h/db", plugins=["dbr_capture"])
+    assert _CapturePlugin.seen == [False, True]
+    url = make_url("postgresql+psycopg://u@h/db")
+    assert not _sqla.dialect_class(url, is_async=False).is_async
+    assert _sqla.dialect_class(url, is_async=True).is_async
+    assert _sqla.dialect_class(make_url("postgresql+asyncpg://u@h/db"), is_async=False).driver == (
+        "asyncpg"
+    )
