@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from _support import wait_readable
 from sqlalchemy import exc, text
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -133,11 +134,13 @@ async def test_install_on_an_existing_async_engine(shared_pg: PostgresCluster, d
 async def test_killed_idle_connection_is_replaced_transparently(
     shared_pg: PostgresCluster, make_engine: MakeEngine
 ) -> None:
-    engine = make_engine()
+    # Within the liveness window (an hour: however slow the machine, the next checkout is in
+    # it): no socket check, only the driver's own view and the statement.
+    engine = make_engine(policy=Policy(liveness_window=3600))
     async with engine.connect() as conn:
         first = await _pid(conn)
     assert _kill(shared_pg, make_engine) == 1
-    await asyncio.sleep(0.05)  # within Policy.liveness_window
+    await asyncio.sleep(0.05)  # the loop may read the FATAL (asyncpg then knows it is closed)
     async with engine.begin() as conn:
         assert await _pid(conn) != first
     stats = get_stats(engine)
@@ -150,13 +153,12 @@ async def test_killed_idle_connection_is_replaced_transparently(
 async def test_dead_connection_unread_by_the_loop_is_caught_at_checkout(
     shared_pg: PostgresCluster, make_engine: MakeEngine
 ) -> None:
-    engine = make_engine()
+    engine = make_engine(policy=Policy(liveness_window=0))  # every checkout is vetted
     async with engine.connect() as conn:
         first = await _pid(conn)
-    _kill(shared_pg, make_engine)
-    # Block the event loop on purpose: the driver cannot read the FATAL, so only the
-    # zero-round-trip socket check (past the liveness window) can notice the dead peer.
-    time.sleep(0.6)
+    # The event loop stays blocked (on purpose) from the kill to the checkout: the driver
+    # cannot read the FATAL, so only the zero-round-trip socket check can notice the dead peer.
+    _kill(shared_pg, make_engine)  # returns once the FATAL is on our socket
     async with engine.connect() as conn:
         assert await _pid(conn) != first
     stats = get_stats(engine)
@@ -170,16 +172,22 @@ async def test_task_cancelled_during_the_checkout_ping_gives_the_connection_back
 ) -> None:
     with ChaosProxy(shared_pg.host, shared_pg.port) as proxy:
         engine = create_async_resilient_engine(
-            shared_pg.url(driver, port=proxy.port), pool_size=1, max_overflow=0, pool_timeout=5
+            shared_pg.url(driver, port=proxy.port),
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=5,
+            policy=Policy(liveness_window=0),  # every checkout is vetted
         )
         try:
             async with engine.connect() as conn:
                 await conn.execute(text("listen dbresilience_ping"))
                 await conn.commit()
+                raw = (await conn.get_raw_connection()).dbapi_connection
+                fileno = dbresilience._engine_hooks.resilience_of(engine).fileno(raw)
             shared_pg.execute("notify dbresilience_ping")
-            # Block the event loop: the driver cannot read the NOTIFY, so past the liveness
-            # window the idle socket is readable and the checkout pings the connection...
-            time.sleep(0.6)
+            # Block the event loop until the NOTIFY is on the socket: the driver cannot read
+            # it, so the idle socket is readable and the checkout pings the connection...
+            wait_readable(fileno)
             proxy.set_latency(2.0)  # ...and the ping gets no answer for 4 s.
 
             async def checkout() -> None:
