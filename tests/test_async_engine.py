@@ -283,9 +283,12 @@ async def test_refused_connect_is_retried_then_database_unavailable(
     err = info.value
     assert isinstance(err, dbresilience.DatabaseUnavailable)
     assert err.retryable
-    # asyncpg lets a bare ConnectionRefusedError escape SQLAlchemy: it is kept as the cause.
+    # asyncpg lets a bare ConnectionRefusedError escape SQLAlchemy: it is kept as the cause;
+    # psycopg's refusal comes wrapped by SQLAlchemy, its OperationalError as .orig.
     cause = err.__cause__
-    assert isinstance(cause, OSError if driver == "asyncpg" else Exception)
+    import psycopg
+
+    assert isinstance(cause, ConnectionRefusedError if driver == "asyncpg" else psycopg.Error)
     assert err.orig is cause
     assert 0.4 < elapsed < 5
     assert get_stats(engine)["retry.connect"] >= 2
