@@ -330,8 +330,12 @@ def _send_cancel_request(addr: Any, message: bytes, timeout: float) -> None:
     try:
         if isinstance(addr, str):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(addr)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(addr)
+            except OSError:
+                sock.close()  # else left to the garbage collector (ResourceWarning)
+                raise
         else:
             sock = socket.create_connection(tuple(addr)[:2], timeout=timeout)
         with sock:

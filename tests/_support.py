@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import select
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import psycopg
@@ -76,11 +77,29 @@ def ledger_workload(
     faulter.start()
     time.sleep(duration)
     stop.set()
-    faulter.join(timeout=30)
-    for t in workers:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in workers), "a worker is stuck"
+    join_all([faulter], timeout=30, what="the fault thread")
+    join_all(workers, timeout=60, what="a worker")
     return ledger
+
+
+def join_all(
+    threads: Iterable[threading.Thread], *, timeout: float, what: str = "a thread"
+) -> None:
+    """Join ``threads`` within ``timeout`` seconds in all; fail naming the ones still running."""
+    deadline = time.monotonic() + timeout
+    threads = list(threads)
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threads if t.is_alive()]
+    # (a plain module: pytest does not rewrite these asserts, so say what failed)
+    assert not stuck, f"{what} is stuck after {timeout} s: {stuck}"
+
+
+def wait_readable(fileno: int, *, timeout: float = 10.0) -> None:
+    """Block (the event loop too, on purpose) until the socket ``fileno`` has something to
+    read: the server's FATAL or EOF has reached it. Fails after ``timeout`` seconds."""
+    readable, _, _ = select.select([fileno], [], [], timeout)
+    assert readable, f"nothing arrived on socket {fileno} within {timeout} s"
 
 
 def check_exactly_once(pg: PostgresCluster, ledger: Ledger, *, label: str, minimum: int) -> None:

@@ -16,12 +16,14 @@ from collections.abc import Callable
 
 import pytest
 import tenacity
-from sqlalchemy import text
+from _support import join_all
+from sqlalchemy import Engine, text
 
 import dbresilience
 from dbresilience import Policy, create_resilient_engine, get_stats
 from dbresilience._observability import Stats
 from dbresilience._retrying import retry_kwargs
+from dbresilience._watchdog import TICK
 from dbresilience.testing import ChaosProxy, PostgresCluster
 
 BLACKHOLE = 13.0
@@ -35,17 +37,78 @@ POLICY = Policy(
 )
 
 
-def call_bound(policy: Policy) -> float:
-    """Longest one `with engine.begin(): 2 statements` call may take, from the policy.
+def longest_path(policy: Policy) -> list[float]:
+    """The bounded waits on the longest path of one ``with engine.begin(): 2 statements`` call,
+    from the policy. One bounded call (a statement, the commit's id query and COMMIT under one
+    arming, a ROLLBACK, a checkout ping) is ``command_timeout`` plus the watchdog's tick;
+    getting a connection is ``connect_deadline`` plus the attempt in flight
+    (``connect_timeout``).
 
-    Getting a connection: connect_deadline plus one last connect_timeout. Each statement,
-    the commit id query, COMMIT and ROLLBACK: command_timeout each (plus the watchdog's tick).
-    A lost COMMIT: commit_check_timeout (plus one connect_timeout for the last check).
+    - checkout: a pooled connection that looks dead is pinged (one call), then replaced (one
+      connect);
+    - the first statement (one call): when it finds the connection already dead (killed, or
+      shut down without a mark of ours), it is replayed after a reconnect: one connect and one
+      call more;
+    - the second statement: one call;
+    - COMMIT (one call) and, its reply lost, the commit check: ``commit_check_timeout``, which
+      its last connect attempt may overrun by one ``connect_timeout`` (libpq: 2 s at least).
+      A call that does not reach COMMIT ends with a ROLLBACK instead (one call), or none when
+      the connection was lost: never both.
+
+    Not bounded (yet), hence kept out of these tests: the queries that set a new connection up
+    before the pool hands it out (SQLAlchemy's dialect setup, asyncpg's type codecs, the
+    commit checker's facts query) are not armed; a blackhole that begins between a connect
+    and them holds the call as long as it lasts. The tests fill the pool before the
+    blackhole, so that no connection is being set up when it begins.
     """
+    call = policy.command_timeout + TICK
     connect = policy.connect_deadline + policy.connect_timeout
-    calls = 4 * (policy.command_timeout + 0.1)
-    commit_check = policy.commit_check_timeout + policy.connect_timeout
-    return connect + calls + commit_check
+    return [
+        *(call, connect),  # checkout
+        *(call, connect, call),  # first statement, replayed
+        call,  # second statement
+        *(call, policy.commit_check_timeout, policy.connect_timeout),  # COMMIT, commit check
+    ]
+
+
+def call_bound(policy: Policy, lag: float = 0.0) -> float:
+    """Longest one ``with engine.begin(): 2 statements`` call may take: the sum of
+    :func:`longest_path`, plus ``lag`` for each of its waits. ``lag`` is how late a thread or
+    task may be scheduled after its wait ended (the GIL, the CPU, the event loop's other
+    tasks): the product bounds the waits, not the machine; the tests measure it meanwhile."""
+    path = longest_path(policy)
+    return sum(path) + len(path) * lag
+
+
+class Lag:
+    """How late a 50 ms sleep wakes up, at worst, while the test runs: in a thread (``sync``)
+    or in the event loop's thread, behind the other tasks (``task``)."""
+
+    STEP = 0.05
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self.stopped = threading.Event()
+
+    def _seen(self, t0: float) -> None:
+        self.worst = max(self.worst, time.monotonic() - t0 - self.STEP)
+
+    def thread(self) -> threading.Thread:
+        def run() -> None:
+            while not self.stopped.is_set():
+                t0 = time.monotonic()
+                time.sleep(self.STEP)
+                self._seen(t0)
+
+        thread = threading.Thread(target=run, name="lag", daemon=True)
+        thread.start()
+        return thread
+
+    async def task(self) -> None:
+        while not self.stopped.is_set():
+            t0 = time.monotonic()
+            await asyncio.sleep(self.STEP)
+            self._seen(t0)
 
 
 def _hammer(
@@ -74,6 +137,16 @@ def _hammer(
     return latencies, outcomes, pool
 
 
+def _fill_pool(engine: Engine, n: int) -> None:
+    """Make the pool's ``n`` connections now (see :func:`longest_path`)."""
+    held = [engine.connect() for _ in range(n)]
+    for conn in held:
+        conn.execute(text("select 1"))
+    for conn in held:
+        conn.close()
+    assert engine.pool.checkedin() == n  # type: ignore[attr-defined]
+
+
 def test_blackhole_sync_every_call_returns_within_the_bound(pg: PostgresCluster) -> None:
     pg.execute("create table ledger (id serial primary key, n int)")
     with ChaosProxy(pg.host, pg.port) as proxy:
@@ -84,7 +157,10 @@ def test_blackhole_sync_every_call_returns_within_the_bound(pg: PostgresCluster)
                 conn.execute(text("insert into ledger (n) values (1)"))
                 conn.execute(text("select count(*) from ledger")).scalar_one()
 
+        _fill_pool(engine, 8)
         stop = threading.Event()
+        lag = Lag()
+        lag_thread = lag.thread()
         latencies, outcomes, threads = _hammer(call, 8, stop)
         time.sleep(1.0)
         proxy.blackhole()
@@ -92,17 +168,18 @@ def test_blackhole_sync_every_call_returns_within_the_bound(pg: PostgresCluster)
         proxy.passthrough()
         time.sleep(2.0)
         stop.set()
-        for t in threads:
-            t.join(timeout=call_bound(POLICY) + 5)
-        assert not any(t.is_alive() for t in threads), "a thread is stuck"
+        join_all(threads, timeout=call_bound(POLICY, lag.worst) + 5)
+        lag.stopped.set()
+        join_all([lag_thread], timeout=5)
         worst = max(latencies)
+        bound = call_bound(POLICY, lag.worst)
         errors = {o for o in outcomes if o != "ok"}
         print(
             f"\nsync blackhole: calls={len(latencies)} worst={worst:.2f}s "
-            f"bound={call_bound(POLICY):.1f}s errors={sorted(errors)} "
-            f"watchdog={get_stats(engine).get('watchdog.fired', 0)}"
+            f"bound={bound:.1f}s (scheduling lag {lag.worst * 1000:.0f} ms) "
+            f"errors={sorted(errors)} watchdog={get_stats(engine).get('watchdog.fired', 0)}"
         )
-        assert worst < call_bound(POLICY)
+        assert worst < bound
         assert errors, "the blackhole must have surfaced (classified) errors"
         assert get_stats(engine)["watchdog.fired"] > 0
         assert outcomes[-1] == "ok", "the engine works again after the blackhole"
@@ -137,6 +214,14 @@ async def test_blackhole_async_every_task_returns_within_the_bound(
                     outcomes.append(type(e).__name__)
                 latencies.append(time.monotonic() - t0)
 
+        held = [await engine.connect() for _ in range(16)]  # fill the pool (see longest_path)
+        for conn in held:
+            await conn.execute(text("select 1"))
+        for conn in held:
+            await conn.close()
+        assert engine.sync_engine.pool.checkedin() == 16  # type: ignore[attr-defined]
+        lag = Lag()
+        lag_task = asyncio.create_task(lag.task())
         tasks = [asyncio.create_task(task()) for _ in range(16)]
         await asyncio.sleep(1.0)
         proxy.blackhole()
@@ -144,14 +229,20 @@ async def test_blackhole_async_every_task_returns_within_the_bound(
         proxy.passthrough()
         await asyncio.sleep(2.0)
         stop.set()
-        _, pending = await asyncio.wait(tasks, timeout=call_bound(POLICY) + 5)
+        done, pending = await asyncio.wait(tasks, timeout=call_bound(POLICY, lag.worst) + 5)
         assert not pending, f"{len(pending)} tasks stuck"
+        for t in done:
+            t.result()  # no task died of an unclassified error
+        lag.stopped.set()
+        await asyncio.wait_for(lag_task, 5)
         worst = max(latencies)
+        bound = call_bound(POLICY, lag.worst)
         print(
             f"\n{driver} async blackhole: calls={len(latencies)} worst={worst:.2f}s "
-            f"bound={call_bound(POLICY):.1f}s errors={sorted(set(outcomes) - {'ok'})}"
+            f"bound={bound:.1f}s (event-loop lag {lag.worst * 1000:.0f} ms) "
+            f"errors={sorted(set(outcomes) - {'ok'})}"
         )
-        assert worst < call_bound(POLICY)
+        assert worst < bound
         assert outcomes[-1] == "ok"
         await engine.dispose()
 
@@ -228,10 +319,11 @@ def test_server_down_breaker_fails_fast_and_recovers(pg: PostgresCluster) -> Non
     attempts_during_open = get_stats(engine).get("connect.failed", 0) - attempts_when_opened
     # One caller alone, so the figure is the cost of failing fast, not waiting for the GIL.
     stop.set()
-    for t in threads:
-        t.join(timeout=15)
+    join_all(threads, timeout=15)
     alone: list[float] = []
+    deadline = time.monotonic() + 30
     while len(alone) < 200:
+        assert time.monotonic() < deadline, f"only {len(alone)} calls failed fast in 30 s"
         fast = breaker.rejecting()  # else this call takes the probe slot: not timed
         t0 = time.perf_counter()
         with pytest.raises(dbresilience.DatabaseUnavailable):
@@ -242,12 +334,11 @@ def test_server_down_breaker_fails_fast_and_recovers(pg: PostgresCluster) -> Non
     latencies, outcomes, threads = _hammer(call, 8, stop)
     pg.start()
     back_at = time.monotonic()
-    while outcomes[-1] != "ok" and time.monotonic() - back_at < 10:
+    while not (outcomes and outcomes[-1] == "ok") and time.monotonic() - back_at < 10:
         time.sleep(0.01)
     recovered_after = time.monotonic() - back_at
     stop.set()
-    for t in threads:
-        t.join(timeout=15)
+    join_all(threads, timeout=15)
     print(
         f"\nbreaker opened {opened_after:.2f}s into the outage after "
         f"{attempts_when_opened} failed connects; while open: {len(fail_fast)} calls (8 threads) "

@@ -87,6 +87,8 @@ class EchoServer:
                 conn.shutdown(socket.SHUT_RDWR)  # unblocks recv() in the serving thread
         for thread in self._threads:
             thread.join(WAIT)
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        assert not stuck, f"echo server threads still running: {stuck}"
 
 
 @pytest.fixture
@@ -189,6 +191,7 @@ def test_large_transfer_with_backpressure(proxy: ChaosProxy) -> None:
         sender.start()
         received = recv_exact(client, len(payload))
         sender.join(WAIT)
+        assert not sender.is_alive(), "sendall() did not finish"
     assert received == payload
     stats = proxy.stats
     assert stats.bytes_upstream == stats.bytes_downstream == len(payload)

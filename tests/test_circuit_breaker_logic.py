@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from _support import join_all
 
 from dbresilience._circuit_breaker import CircuitBreaker
 
@@ -221,7 +222,7 @@ def test_concurrent_callers_get_one_probe_per_slot() -> None:
     threads = [threading.Thread(target=caller) for _ in range(16)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    join_all(threads, timeout=10)
+    assert len(winners) == 16
     assert winners.count(True) == 1
     assert b.probes == 1

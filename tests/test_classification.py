@@ -8,11 +8,11 @@ import signal
 import socket
 import ssl
 import threading
-import time
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, exc, text
+from _support import join_all, wait_readable
+from sqlalchemy import Connection, Engine, exc, text
 
 import dbresilience
 from dbresilience import ErrorKind, Policy, classify, create_resilient_engine
@@ -103,6 +103,13 @@ def test_context_is_not_a_cause() -> None:
 # -- real errors from a real server ---------------------------------------------------------
 
 
+def _fileno(conn: Connection) -> int:
+    """The socket of the psycopg connection under ``conn``."""
+    dbapi = conn.connection.dbapi_connection
+    assert isinstance(dbapi, psycopg.Connection)
+    return int(dbapi.pgconn.socket)
+
+
 def _classified(engine: Engine, *statements: str) -> dbresilience.ResilienceError:
     with pytest.raises(exc.DBAPIError) as info, engine.begin() as conn:
         for s in statements:
@@ -181,8 +188,7 @@ def test_real_deadlock(shared_pg: PostgresCluster) -> None:
     threads = [threading.Thread(target=worker, args=a) for a in ((1, 2), (2, 1))]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(timeout=10)
+    join_all(threads, timeout=10)
     assert len(errors) == 1
     assert isinstance(errors[0], dbresilience.TransactionConflict)
     assert errors[0].sqlstate == "40P01"
@@ -215,7 +221,7 @@ def test_real_idle_session_timeout(shared_pg: PostgresCluster) -> None:
     with engine.connect() as conn:
         conn.execute(text("set idle_session_timeout = 100"))
         conn.commit()
-        time.sleep(0.4)
+        wait_readable(_fileno(conn))  # the server's FATAL, 100 ms on (later when it is busy)
         with pytest.raises(dbresilience.DisconnectError) as info:
             conn.execute(text("select 1"))
     assert info.value.sqlstate == "57P05"
@@ -228,7 +234,7 @@ def test_real_idle_in_transaction_timeout(shared_pg: PostgresCluster) -> None:
         conn.execute(text("set idle_in_transaction_session_timeout = 100"))
         conn.commit()
         conn.execute(text("select 1"))
-        time.sleep(0.4)
+        wait_readable(_fileno(conn))  # the server's FATAL, 100 ms on (later when it is busy)
         with pytest.raises(dbresilience.DisconnectError) as info:
             conn.execute(text("select 2"))
     assert info.value.sqlstate == "25P03"
@@ -246,7 +252,8 @@ def test_real_crash_of_another_backend(pg: PostgresCluster) -> None:
         bystander.execute(text("select 1"))
         bystander.commit()
         os.kill(victim_pid, signal.SIGKILL)
-        time.sleep(0.5)
+        # The postmaster then kills every other backend: wait for the bystander's FATAL/EOF.
+        wait_readable(_fileno(bystander))
         with pytest.raises(dbresilience.DisconnectError) as info:
             bystander.execute(text("select 1"))
     assert info.value.sqlstate in ("57P02", None)  # 57P02, or EOF if the socket closed first

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from _support import wait_until_accepting
+from _support import join_all, wait_until_accepting
 from sqlalchemy import Engine, text
 
 import dbresilience
@@ -135,8 +135,8 @@ def test_calls_resume_right_after_the_server_is_back(
         starter = threading.Thread(target=pg.start)
         prober.start()
         starter.start()
-        starter.join(timeout=70)
-        prober.join(timeout=40)
+        join_all([starter], timeout=70, what="pg_ctl start")
+        join_all([prober], timeout=40, what="the prober")
         assert accepted and accepted[0] is not None, "the server did not come back"
         accepted_at = accepted[0]
 
@@ -148,8 +148,7 @@ def test_calls_resume_right_after_the_server_is_back(
         assert _wait_for(lambda: all(resumed(k) is not None for k in set(kinds)), 10.0)
     finally:
         stop.set()
-        for t in threads:
-            t.join(timeout=policy.deadline + 10)
+        join_all(threads, timeout=policy.deadline + 10, what="a caller")
         engine.dispose()
 
     before_open = opened_at - down_at

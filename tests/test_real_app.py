@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from _support import join_all
 from sqlalchemy import Connection, Engine, event, exc, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -61,6 +62,16 @@ def _running(pg: PostgresCluster, needle: str) -> int:
         f"and query like '%{needle}%' and pid <> pg_backend_pid()"
     )
     return int(str(rows[0][0]))
+
+
+def _wait_until_running(pg: PostgresCluster, needle: str, within: float) -> bool:
+    """Whether a backend runs ``needle`` within ``within`` seconds (polled every 10 ms)."""
+    deadline = time.monotonic() + within
+    while _running(pg, needle) == 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _wait_until_not_running(pg: PostgresCluster, needle: str, within: float) -> float | None:
@@ -269,6 +280,8 @@ def test_forked_worker_keeps_command_timeout(pg: PostgresCluster) -> None:
         child.join(10)
         if child.is_alive():
             child.kill()
+            child.join(10)
+    assert child.exitcode == 0, child.exitcode
     assert outcome == "StatementTimeout", outcome
     assert took < CUT + 4, took
     engine.dispose()
@@ -314,7 +327,6 @@ def test_execution_options_engine_keeps_every_behaviour(pg: PostgresCluster) -> 
         conn.execute(text("select 1"))
         conn.commit()
         pg.terminate_backends()
-        time.sleep(0.2)
         level = conn.execute(text("show transaction_isolation")).scalar_one()
         conn.commit()
     assert level == "serializable"
@@ -349,8 +361,7 @@ def test_serialization_failures_retried_on_an_execution_options_engine(
     threads = [threading.Thread(target=worker, args=a) for a in ((1, 2), (2, 1))]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(30)
+    join_all(threads, timeout=30)
     assert not errors, errors
     assert len(attempts) == 3  # one of the two ran again
     assert get_stats(engine)["retry.transaction.transaction-conflict"] == 1
@@ -417,7 +428,7 @@ def test_creator_engine_is_protected(pg: PostgresCluster, caplog: pytest.LogCapt
         took = time.monotonic() - t0
         with pytest.raises(dbresilience.StatementTimeout):
             conn.execute(text("select pg_sleep(10)"))
-    restart.join()  # pg_ctl start may still be waiting for the server it started
+    join_all([restart], timeout=70, what="pg_ctl start")  # may still wait for its server
     assert len(made) > 1 and took >= 0.9
     assert get_stats(engine)["retry.connect"] >= 1
     assert any("creator=" in r.getMessage() for r in caplog.records)
@@ -441,7 +452,8 @@ def test_async_creator_engine_is_protected(pg: PostgresCluster) -> None:
             async with engine.connect() as conn:
                 value = (await conn.execute(text("select 1"))).scalar_one()
             assert get_stats(engine)["retry.connect"] >= 1
-            await asyncio.to_thread(restart.join)  # pg_ctl start may still be waiting
+            # pg_ctl start may still be waiting for the server it started
+            await asyncio.to_thread(join_all, [restart], timeout=70, what="pg_ctl start")
             return int(value)
         finally:
             await engine.dispose()
@@ -456,7 +468,11 @@ def test_async_creator_engine_is_protected(pg: PostgresCluster) -> None:
 def tenant_engine(pg: PostgresCluster) -> Iterator[Engine]:
     pg.execute("create role tenant_a nologin")
     pg.execute("create schema app_a")
-    engine = create_resilient_engine(pg.url(), pool_size=2, max_overflow=0)
+    # A window of an hour: a checkout is vetted because of the checkout listener, not because
+    # the test was slow to get to it.
+    engine = create_resilient_engine(
+        pg.url(), pool_size=2, max_overflow=0, policy=Policy(liveness_window=3600)
+    )
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_conn: Any, record: Any) -> None:
@@ -482,10 +498,10 @@ def test_checkout_listener_never_meets_a_killed_connection(
 ) -> None:
     with tenant_engine.connect() as conn:
         assert tuple(conn.execute(text(WHO)).one()) == ("tenant_a", "app_a")
-    pg.terminate_backends()
-    time.sleep(0.2)  # the server's FATAL reaches the idle pooled socket
-    with tenant_engine.begin() as conn:  # checked out at once: well within liveness_window
+    pg.terminate_backends()  # returns once the FATAL is on the idle pooled socket
+    with tenant_engine.begin() as conn:  # within the window, yet vetted: it has a listener
         assert tuple(conn.execute(text(WHO)).one()) == ("tenant_a", "app_a")
+    assert get_stats(tenant_engine)["dead.replaced"] == 1
 
 
 def test_replayed_statement_runs_as_the_same_tenant(
@@ -495,7 +511,6 @@ def test_replayed_statement_runs_as_the_same_tenant(
         conn.execute(text("select 1"))
         conn.commit()
         pg.terminate_backends()  # killed while checked out: the next statement is replayed
-        time.sleep(0.2)
         who = tuple(conn.execute(text(WHO)).one())
         conn.commit()
     assert who == ("tenant_a", "app_a")
@@ -628,7 +643,7 @@ def test_commit_check_is_not_refused_by_an_open_breaker(
         back = threading.Timer(1.5, proxy.passthrough)
         back.start()
         conn.commit()  # resolved as committed once the server answers again
-        back.join()
+        join_all([back], timeout=10)
     assert get_stats(engine)["commit.committed"] == 1
     assert pg.execute("select id from ledger") == [(1,)]
     engine.dispose()
@@ -649,7 +664,11 @@ def test_commit_check_connection_closed_when_cancelled(pg: PostgresCluster) -> N
                     proxy.close_after(match=b"COMMIT")
 
             task = asyncio.create_task(write())
-            await asyncio.sleep(1.0)  # in the check, polling "in progress"
+            # Until the check polls "in progress" (the COMMIT runs its 3 s trigger).
+            deadline = time.monotonic() + 2.5
+            while get_stats(engine).get("commit-check.polls", 0) == 0:
+                assert time.monotonic() < deadline, "the commit check did not start"
+                await asyncio.sleep(0.01)
             assert get_stats(engine).get("commit-check.connections") == 1
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -692,7 +711,9 @@ def _crash_during_commit_then_reuse(pg: PostgresCluster, proxy: ChaosProxy) -> N
     xids: dict[str, int] = {}
 
     def crash_then_reuse() -> None:
-        time.sleep(1.0)  # COMMIT is running the deferred trigger
+        # COMMIT is running the deferred trigger (3 s): seen on the server, however slow we are.
+        if not _wait_until_running(pg, "COMMIT", within=10):
+            return  # the test fails on the missing xid
         proxy.refuse()  # the commit check waits until the xid has been handed out again
         pg.stop("immediate")
         pg.start()
@@ -715,7 +736,7 @@ def _crash_during_commit_then_reuse(pg: PostgresCluster, proxy: ChaosProxy) -> N
     faults.start()
     with pytest.raises(dbresilience.CommitOutcomeUnknown):
         run_transaction(engine, order)
-    faults.join()
+    join_all([faults], timeout=120, what="the crash and restart")
     assert xids.get("reused") == xids["ours"]  # the same xid committed another transaction
     assert pg.execute("select count(*) from orders") == [(0,)]
     assert get_stats(engine)["commit.unknown"] == 1
@@ -731,7 +752,13 @@ def test_commit_check_after_a_clean_restart_still_verifies(
     )
 
     def restart_cleanly() -> None:
-        time.sleep(0.5)
+        # Once the COMMIT's reply was lost and the check polls (refused meanwhile).
+        deadline = time.monotonic() + 10
+        while get_stats(engine).get("commit-check.polls", 0) == 0:
+            if time.monotonic() > deadline:
+                proxy.passthrough()
+                return  # the test fails: the commit check never started
+            time.sleep(0.01)
         pg.restart()  # fast shutdown: everything committed is on disk, no xid handed out again
         proxy.passthrough()
 
@@ -742,7 +769,7 @@ def test_commit_check_after_a_clean_restart_still_verifies(
         restart = threading.Thread(target=restart_cleanly)
         restart.start()
         conn.commit()  # verified after the restart: committed
-        restart.join()
+        join_all([restart], timeout=120, what="the restart")
     assert pg.execute("select count(*) from orders") == [(1,)]
     assert get_stats(engine)["commit.committed"] == 1
     engine.dispose()
@@ -845,15 +872,21 @@ def test_fork_while_a_breaker_probe_is_in_flight(pg: PostgresCluster, proxy: Cha
     with pytest.raises(dbresilience.DatabaseUnavailable):
         engine.connect()
     proxy.blackhole()  # the next probe hangs in its connect
+
     def probe() -> None:  # hangs, then fails or (once the proxy passes again) succeeds
         with contextlib.suppress(Exception):
             engine.connect().close()
 
     prober = threading.Thread(target=probe)
-    time.sleep(0.3)  # past the next probe slot
+    time.sleep(0.3)  # past the next probe slot (at most connect_wait_max away)
+    probes = breaker.probes
     prober.start()
-    time.sleep(0.3)
-    assert breaker.state == "half-open"  # its probe is in flight
+    deadline = time.monotonic() + 5
+    while breaker.probes == probes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # Its probe is in flight: the slot is taken, everyone else fails fast.
+    assert breaker.probes == probes + 1
+    assert breaker.state == "half-open" and breaker.rejecting()
     ctx = multiprocessing.get_context("fork")
     parent_end, child_end = ctx.Pipe()
     with warnings.catch_warnings():
@@ -866,7 +899,11 @@ def test_fork_while_a_breaker_probe_is_in_flight(pg: PostgresCluster, proxy: Cha
         outcome, took = parent_end.recv()
     finally:
         child.join(10)
-        prober.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join(10)
+        join_all([prober], timeout=10, what="the parent's probe")
+    assert child.exitcode == 0, child.exitcode
     assert outcome == "ok", (outcome, took)  # the parent's probe does not hold the child's
     engine.dispose()
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +96,14 @@ def test_call_returned_after_the_snapshot_is_not_cut_off(
     watchdog._sweep(time.monotonic(), seen)
     assert not _cut_off(peer)
     assert owner.overruns == 0
+
+
+def test_cancel_request_to_a_unix_socket_that_is_gone_leaves_no_socket(tmp_path: Path) -> None:
+    # asyncpg over a Unix socket: the watchdog's cancel request finds the server gone. The
+    # socket it made must be closed there, not left to the GC (a ResourceWarning: an error).
+    from dbresilience._drivers import _send_cancel_request
+
+    before = len(os.listdir("/proc/self/fd"))
+    _send_cancel_request(str(tmp_path / ".s.PGSQL.5432"), b"\0" * 16, 1.0)
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -430,13 +430,15 @@ class _Prober:
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        with contextlib.suppress(Exception):
-            if self._asyncpg:
-                conn.terminate()
-            else:
-                conn.close()
+        loop, self._loop = self._loop, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                if self._asyncpg:
+                    conn.terminate()
+                else:
+                    conn.close()
+        if loop is not None and not loop.is_running():
+            _close_loop(loop)
 
     def forget(self) -> None:
         """After fork: drop the parent's connection without closing it (that would end it
@@ -448,6 +450,28 @@ class _Prober:
 
 
 _inherited: list[Any] = []
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Close a prober's private event loop (stopped), after one last pass: asyncpg's
+    ``terminate()`` and a connect given up on only schedule their transport's close. Without
+    it the transport, its socket and the loop's self-pipe are left to the garbage collector
+    (ResourceWarning). From inside a running event loop (an async engine's ``dispose()``)
+    another loop cannot run in this thread: then in a short-lived thread of its own."""
+
+    def finish() -> None:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        finish()
+        return
+    thread = threading.Thread(target=finish, name="dbresilience-hang-close", daemon=True)
+    thread.start()
+    thread.join(1.0)  # one pass of a loop with nothing to wait for: milliseconds
 
 
 class _CannotJudge(Exception):

@@ -330,19 +330,54 @@ class PostgresCluster:
             return cur.fetchall() if cur.description is not None else []
 
     def terminate_backends(
-        self, *, database: str | None = None, application_name: str | None = None
+        self,
+        *,
+        database: str | None = None,
+        application_name: str | None = None,
+        wait: float = 10.0,
     ) -> int:
-        """``pg_terminate_backend`` every client backend but our own; return how many."""
+        """``pg_terminate_backend`` every client backend but our own; return how many.
+
+        :param wait: seconds to wait until every terminated backend has exited (``0``: do not
+            wait). A backend sends its FATAL (57P01) to its client before it leaves
+            ``pg_stat_activity``, so once this returns, the clients' sockets hold it: what
+            happens next no longer depends on how fast the server got round to dying.
+            :class:`TimeoutError` if one is still there after ``wait`` seconds.
+        """
         where = ["pid <> pg_backend_pid()", "backend_type = 'client backend'"]
         if database is not None:
             where.append(f"datname = '{database}'")
         if application_name is not None:
             where.append(f"application_name = '{application_name}'")
+        # In the select list, not the WHERE clause: evaluated only for the rows selected.
         rows = self.execute(
-            "select count(*) filter (where pg_terminate_backend(pid)) from pg_stat_activity "
+            f"select pid, pg_terminate_backend(pid) from pg_stat_activity "
             f"where {' and '.join(where)}"
         )
-        return int(str(rows[0][0]))
+        pids = [int(str(pid)) for pid, terminated in rows if terminated]
+        if pids and wait > 0:
+            self._wait_gone(pids, wait)
+        return len(pids)
+
+    def _wait_gone(self, pids: list[int], timeout: float) -> None:
+        """Poll (one connection, every 5 ms) until none of ``pids`` is in ``pg_stat_activity``."""
+        import psycopg
+
+        listed = ",".join(str(pid) for pid in pids)
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(
+            host=self.host, port=self.port, user="postgres", autocommit=True, connect_timeout=10
+        ) as conn:
+            while True:
+                # pg_stat_activity is a snapshot per transaction: autocommit, one per poll.
+                row = conn.execute(
+                    f"select count(*) from pg_stat_activity where pid in ({listed})".encode()
+                ).fetchone()
+                if row is not None and row[0] == 0:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"backends {pids} still running {timeout} s after SIGTERM")
+                time.sleep(0.005)
 
     def create_database(self, name: str) -> None:
         """``CREATE DATABASE name``."""

@@ -125,12 +125,18 @@ class FaultController:
         thread.start()
 
     def join(self, timeout: float = 60.0) -> None:
-        """Wait (at most ``timeout`` seconds in all) for faults run in the background."""
+        """Wait (at most ``timeout`` seconds in all) for faults run in the background;
+        :class:`TimeoutError` if one is still running then (it stays joinable)."""
         deadline = time.monotonic() + timeout
         with self._lock:
             threads, self._threads = self._threads, []
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        running = [t for t in threads if t.is_alive()]
+        if running:
+            with self._lock:
+                self._threads.extend(running)
+            raise TimeoutError(f"{len(running)} background fault(s) still running after {timeout}s")
 
     def heal(self) -> None:
         """Undo everything: join background faults, proxy back to passthrough (no toxics, up),
