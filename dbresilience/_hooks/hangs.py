@@ -223,11 +223,21 @@ class HangMonitor:
             return
         if activity is None:  # the host does not answer
             logger.warning(
-                "dbresilience hang monitor: %s:%s does not answer; aborting %d call(s), engine=%s",
-                address[0], address[1], len(calls), state.name,
+                "dbresilience hang monitor: %s:%s does not answer; aborting its calls, engine=%s",
+                address[0], address[1], state.name,
             )
             self.hung[address] = time.monotonic()
-            for connection, entry, _ in calls:
+            # Every call in flight to it, not only those past the threshold: a call that began
+            # waiting during the probes is as stuck, and would otherwise wait another round.
+            for connection, entry in list(state.armed.items()):
+                if entry[1] is not state:
+                    continue
+                try:
+                    raw = getattr(connection, "dbapi_connection", connection)
+                    if state.driver.address(raw) != address:
+                        continue
+                except Exception:
+                    continue
                 watchdog.cut(connection, entry, "host-hung")
             engine = self.engine_ref()
             if engine is not None:
