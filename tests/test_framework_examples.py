@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, select
 
-from dbresilience import DisconnectError, get_stats
+from dbresilience import DisconnectError, get_stats, run_transaction
 from dbresilience._engine_hooks import resilience_of
 from dbresilience.testing import PostgresCluster
 from dbresilience.testing._cluster import free_port
@@ -186,7 +186,11 @@ def test_flask_app_made_resilient_by_its_url_alone(shared_pg: PostgresCluster) -
     assert notes[-3:] == ["first", "after a kill", "after another kill"]
     stats = get_stats(engine)
     assert stats.get("replay.statement", 0) + stats.get("dead.replaced", 0) == 3
-    with app.app_context():
+    with app.app_context():  # the docstring's exactly-once unit of work
+        added = run_transaction(example.db.session(), lambda s: s.add(example.Note(text="once")))
+        assert added is None
+        assert example.db.session.scalars(select(example.Note.text)).all()[-1] == "once"
+        example.db.session.remove()  # its connection back to the pool, which dispose() closes
         example.db.engine.dispose()
 
 
