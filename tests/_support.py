@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import select
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 from sqlalchemy import Connection, Engine, text
@@ -132,3 +135,27 @@ def wait_until_accepting(pg: PostgresCluster, *, timeout: float = 30.0) -> float
         except psycopg.OperationalError:
             time.sleep(0.005)
     return None
+
+
+def start_forked(target: Callable[..., None], *args: object) -> tuple[Any, Any]:
+    """Run ``target(*args, pipe)`` in a forked child (gunicorn --preload, Celery prefork);
+    returns (the child, the parent's end of the pipe) for :func:`result_of_forked`."""
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+    with warnings.catch_warnings():  # Python 3.12+: fork() of a multi-threaded process
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child = ctx.Process(target=target, args=(*args, child_end))
+        child.start()
+    return child, parent_end
+
+
+def result_of_forked(child: Any, parent_end: Any, *, timeout: float, message: str = "") -> Any:
+    """What the child sent, within ``timeout`` seconds; the child is joined (killed if stuck)."""
+    try:
+        assert parent_end.poll(timeout), message or "the child sent nothing"
+        return parent_end.recv()
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join(10)

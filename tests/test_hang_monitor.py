@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _support import join_all
+from _support import join_all, result_of_forked, start_forked
 from sqlalchemy import Engine, text
 
 import dbresilience
@@ -389,23 +389,12 @@ def _child_sees_a_slow_query(engine: Engine, conn: Any) -> None:
 
 
 def test_monitor_restarts_in_a_forked_child(pg: PostgresCluster) -> None:
-    import multiprocessing
-    import warnings
 
     engine = create_resilient_engine(pg.url())
     with engine.connect() as conn:
         conn.execute(text("select 1"))
-    ctx = multiprocessing.get_context("fork")
-    parent_end, child_end = ctx.Pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        child = ctx.Process(target=_child_sees_a_slow_query, args=(engine, child_end))
-        child.start()
-    try:
-        assert parent_end.poll(20)
-        slow_seen = parent_end.recv()
-    finally:
-        child.join(10)
+    child, parent_end = start_forked(_child_sees_a_slow_query, engine)
+    slow_seen = result_of_forked(child, parent_end, timeout=20)
     assert slow_seen > 0  # the child's own monitor looked at its slow query
     with engine.connect() as conn:  # and the parent's monitoring connection still works
         conn.execute(text("select pg_sleep(1.5)"))

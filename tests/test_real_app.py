@@ -12,17 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import socket
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from _support import join_all
+from _support import join_all, result_of_forked, start_forked
 from sqlalchemy import Connection, Engine, event, exc, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -267,20 +265,10 @@ def test_forked_worker_keeps_command_timeout(pg: PostgresCluster) -> None:
     engine = create_resilient_engine(pg.url(), policy=Policy(command_timeout=CUT))
     with engine.connect() as conn:  # the parent's watchdog is running, pool has a connection
         conn.execute(text("select 1"))
-    ctx = multiprocessing.get_context("fork")
-    parent_end, child_end = ctx.Pipe()
-    with warnings.catch_warnings():  # Python 3.12+: fork() of a multi-threaded process
-        warnings.simplefilter("ignore", DeprecationWarning)
-        child = ctx.Process(target=_child_runs_slow_statement, args=(engine, child_end))
-        child.start()
-    try:
-        assert parent_end.poll(15), "the child's statement was not bounded"
-        outcome, took = parent_end.recv()
-    finally:
-        child.join(10)
-        if child.is_alive():
-            child.kill()
-            child.join(10)
+    child, parent_end = start_forked(_child_runs_slow_statement, engine)
+    outcome, took = result_of_forked(
+        child, parent_end, timeout=15, message="the child's statement was not bounded"
+    )
     assert child.exitcode == 0, child.exitcode
     assert outcome == "StatementTimeout", outcome
     assert took < CUT + 4, took
@@ -887,21 +875,11 @@ def test_fork_while_a_breaker_probe_is_in_flight(pg: PostgresCluster, proxy: Cha
     # Its probe is in flight: the slot is taken, everyone else fails fast.
     assert breaker.probes == probes + 1
     assert breaker.state == "half-open" and breaker.rejecting()
-    ctx = multiprocessing.get_context("fork")
-    parent_end, child_end = ctx.Pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        child = ctx.Process(target=_child_connects, args=(engine, child_end))
-        child.start()
+    child, parent_end = start_forked(_child_connects, engine)
     proxy.passthrough()
     try:
-        assert parent_end.poll(15)
-        outcome, took = parent_end.recv()
+        outcome, took = result_of_forked(child, parent_end, timeout=15)
     finally:
-        child.join(10)
-        if child.is_alive():
-            child.kill()
-            child.join(10)
         join_all([prober], timeout=10, what="the parent's probe")
     assert child.exitcode == 0, child.exitcode
     assert outcome == "ok", (outcome, took)  # the parent's probe does not hold the child's
