@@ -25,10 +25,31 @@ from dbresilience._errors import (
     StatementTimeout,
     TransactionConflict,
 )
+from dbresilience._events import (
+    BreakerTransition,
+    CommitResolved,
+    ConnectFailure,
+    Disconnect,
+    Event,
+    EventHook,
+    HangAbort,
+    Invalidation,
+    Replay,
+    RetryDetails,
+    StatementTimedOut,
+)
 from dbresilience._health import HealthReport, PoolCounts, check_health, check_health_async
-from dbresilience._observability import RetryDetails, RetryHook, Stats, add_hook, remove_hook
+from dbresilience._observability import (
+    RetryHook,
+    Stats,
+    add_event_hook,
+    add_hook,
+    remove_event_hook,
+    remove_hook,
+)
 from dbresilience._policy import Policy
 from dbresilience._retrying import set_testing
+from dbresilience._stats import CommitCounts, EngineStats, PoolStats, RetryCounts
 from dbresilience._transactions import run_transaction, transactional
 
 if TYPE_CHECKING:
@@ -58,24 +79,39 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "IDEMPOTENT_OPTION",
+    "BreakerTransition",
     "CircuitOpen",
     "Classification",
+    "CommitCounts",
     "CommitOutcomeUnknown",
+    "CommitResolved",
     "ConfigurationError",
+    "ConnectFailure",
     "DatabaseUnavailable",
+    "Disconnect",
     "DisconnectError",
+    "EngineStats",
     "ErrorKind",
+    "Event",
+    "EventHook",
+    "HangAbort",
     "HealthReport",
+    "Invalidation",
     "PermanentError",
     "Policy",
     "PoolCounts",
+    "PoolStats",
+    "Replay",
     "ResilienceError",
     "ResourceExhausted",
+    "RetryCounts",
     "RetryDetails",
     "RetryHook",
+    "StatementTimedOut",
     "StatementTimeout",
     "Stats",
     "TransactionConflict",
+    "add_event_hook",
     "add_hook",
     "async_session_factory",
     "check_health",
@@ -85,6 +121,7 @@ __all__ = [
     "create_resilient_engine",
     "get_stats",
     "install",
+    "remove_event_hook",
     "remove_hook",
     "run_async_transaction",
     "run_transaction",

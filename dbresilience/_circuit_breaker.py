@@ -142,15 +142,18 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._probe_in_flight = False
 
-    def record_success(self) -> None:
-        """A connect succeeded (the server answered): close the breaker, forget past failures."""
+    def record_success(self) -> bool:
+        """A connect succeeded (the server answered): close the breaker, forget past failures.
+        Returns True if this closed an open breaker."""
         if self._state == "closed" and self._consecutive == 0:
-            return
+            return False
         with self._lock:
+            was_open = self._state == "open"
             self._state = "closed"
             self._consecutive = 0
             self._probe_in_flight = False
             self._failed_probes = 0
+            return was_open
 
     def abandon(self) -> None:
         """An attempt ended without a verdict (cancelled): free the probe slot for another

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from dbresilience._classification import ErrorKind, classify
+from dbresilience._events import CommitResolved
 from dbresilience._observability import Stats, logger
 
 __all__ = [
@@ -97,6 +98,7 @@ class Checker(Protocol):
 
     policy: Any
     stats: Stats
+    name: str
 
     def arm(self, dbapi_conn: Any, seconds: float | None = None) -> Any: ...
 
@@ -201,7 +203,7 @@ class CommitResolver:
             with contextlib.suppress(Exception):
                 raw.close()  # dead anyway; the pool replaces it at the next checkout
             outcome = self._resolve(xid, identity, started)
-            self._owner.stats.incr(f"commit.{outcome.value}")
+            self._owner.stats.emit(CommitResolved(self._owner.name, outcome.value))
             if outcome in (CommitOutcome.COMMITTED, CommitOutcome.NOTHING_TO_COMMIT):
                 return  # the transaction's work is durable (or there was none)
             with contextlib.suppress(AttributeError):

@@ -38,6 +38,7 @@ from dbresilience._hooks.statements import IDEMPOTENT_OPTION, StatementGuard
 from dbresilience._policy import Policy
 from dbresilience._redaction import mask_url
 from dbresilience._sqla import check_version
+from dbresilience._stats import EngineStats, pool_stats
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -112,6 +113,14 @@ def resilience_of(engine: Engine | AsyncEngine) -> EngineResilience:
         ) from None
 
 
-def get_stats(engine: Engine | AsyncEngine) -> dict[str, int]:
-    """Counters of a resilient engine (retries, replays, errors by kind...)."""
-    return resilience_of(engine).stats.snapshot()
+def get_stats(engine: Engine | AsyncEngine) -> EngineStats:
+    """What a resilient engine did (retries, replays, lost COMMITs... by type) and its pool's
+    state now: a typed, immutable :class:`~dbresilience.EngineStats` snapshot."""
+    state = resilience_of(engine)
+    sync_engine = _sync_engine(engine)
+    counts = state.stats.snapshot()
+    pool = pool_stats(
+        sync_engine.pool, waiting=len(state.pending), timeouts=counts.get("pool.timeouts", 0)
+    )
+    breaker = None if state.breaker is None else state.breaker.state
+    return EngineStats.build(state.name, counts, pool, breaker)

@@ -67,6 +67,7 @@ from dbresilience._commit_outcome import connect_budget
 from dbresilience._engine_hooks import resilience_of
 from dbresilience._errors import ConfigurationError
 from dbresilience._redaction import redact
+from dbresilience._stats import pool_stats
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -182,23 +183,9 @@ def _role(in_recovery: object) -> Role:
 
 
 def _pool_counts(engine: Engine) -> PoolCounts:
-    pool = engine.pool
-
-    def count(method: str) -> int:
-        fn = getattr(pool, method, None)
-        if not callable(fn):
-            return 0
-        try:
-            value = fn()
-        except Exception:  # another pool class with a same-named method
-            return 0
-        return max(0, value) if isinstance(value, int) else 0
-
+    now = pool_stats(engine.pool)
     return PoolCounts(
-        size=count("size"),
-        checked_in=count("checkedin"),
-        checked_out=count("checkedout"),
-        overflow=count("overflow"),
+        size=now.size, checked_in=now.idle, checked_out=now.checked_out, overflow=now.overflow
     )
 
 

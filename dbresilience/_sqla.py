@@ -106,6 +106,12 @@ def checkin_failed(record: ConnectionPoolEntry, exc: BaseException) -> None:
     record._checkin_failed(exc, _fairy_was_created=False)  # type: ignore[attr-defined]
 
 
+def max_overflow(pool: Pool) -> int:
+    """``QueuePool``'s ``max_overflow`` (``_max_overflow``; -1: no limit); 0 for other pools."""
+    value = getattr(pool, "_max_overflow", 0)
+    return value if isinstance(value, int) else 0
+
+
 def invalidate_older(pool: Pool, context: Any, exc: BaseException) -> None:
     """Invalidate the pool's connections older than the execution's one, as SQLAlchemy does
     for a disconnect (``Pool._invalidate``)."""

@@ -44,7 +44,9 @@ class Guarded(Protocol):
         cancel the statement (blocking, bounded, never raising)."""
         ...
 
-    def overran(self) -> None: ...
+    def overran(self, reason: str) -> None:
+        """The call on ``connection`` was cut off (its socket shut down): report it."""
+        ...
 
 
 #: An armed call: (deadline, owner, started), monotonic seconds.
@@ -102,7 +104,7 @@ class Watchdog:
         """Start bounding a blocking call on ``connection`` to ``seconds`` (plus one tick).
 
         :meth:`disarm` it in a ``finally``. Past the deadline the watchdog shuts down
-        ``owner.fileno(connection)`` and calls ``owner.overran()``.
+        ``owner.fileno(connection)`` and calls ``owner.overran(reason)``.
         """
         if self._thread is None:
             self._start()
@@ -180,8 +182,7 @@ class Watchdog:
             return
         if cancel is not None:
             threading.Thread(target=cancel, name="dbresilience-cancel", daemon=True).start()
-        if reason == "deadline":
-            owner.overran()
+        owner.overran(reason)
 
 
 watchdog = Watchdog()

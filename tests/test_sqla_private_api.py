@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.dialects import plugins
 from sqlalchemy.engine import URL, CreateEnginePlugin, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolProxiedConnection, QueuePool
 
 from dbresilience import ConfigurationError, _sqla
 from dbresilience.testing import PostgresCluster
@@ -101,6 +101,12 @@ def test_execution_context_internals(shared_pg: PostgresCluster) -> None:
     assert isinstance(seen["record"], ConnectionPoolEntry)
     assert isinstance(seen["callbacks"], collections.deque)
     engine.dispose()
+
+
+def test_max_overflow() -> None:
+    assert _sqla.max_overflow(QueuePool(lambda: None, pool_size=2, max_overflow=7)) == 7
+    assert _sqla.max_overflow(QueuePool(lambda: None, pool_size=2, max_overflow=-1)) == -1
+    assert _sqla.max_overflow(NullPool(lambda: None)) == 0
 
 
 def test_invalidate_older(shared_pg: PostgresCluster) -> None:

@@ -28,7 +28,7 @@ class Owner:
     def cutting(self, connection: object, reason: str) -> None:
         self.cuts.append(connection)
 
-    def overran(self) -> None:
+    def overran(self, reason: str) -> None:
         self.overruns += 1
 
 

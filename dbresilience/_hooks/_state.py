@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import time
@@ -15,6 +16,7 @@ from sqlalchemy.util import await_only
 
 from dbresilience._circuit_breaker import CircuitBreaker
 from dbresilience._drivers import Driver, driver_for
+from dbresilience._events import HangAbort, StatementTimedOut
 from dbresilience._observability import Stats, logger
 from dbresilience._policy import Policy
 from dbresilience._redaction import mask_url
@@ -81,6 +83,8 @@ class EngineResilience:
         # Calls the watchdog cut off -> (when: monotonic s, why); popped by the statement guard.
         self.cut: dict[Any, tuple[float, str]] = {}
         self.monitor: Any = None  # the HangMonitor, when hang_threshold is set
+        # One item per checkout in progress (its length: PoolStats.waiting).
+        self.pending: collections.deque[None] = collections.deque()
         if self.call_bound:
             watchdog.start()
 
@@ -132,21 +136,29 @@ class EngineResilience:
                 if now - when > 60.0:
                     cut.pop(key, None)
         cut[connection] = (now, reason)
-        # Counted before the caller wakes up and looks.
-        self.stats.incr("watchdog.fired" if reason == "deadline" else f"hang.aborted.{reason}")
+        # Counted before the caller wakes up and looks; logged and announced by overran().
+        self.stats.count(self._cut_event(reason))
         if reason == "host-hung":
             return None
         raw = getattr(connection, "dbapi_connection", connection)
         return self.driver.canceller(raw, timeout=min(self.policy.connect_timeout, 5.0))
 
-    def overran(self) -> None:
-        """The watchdog shut a connection down: log it."""
-        logger.warning(
-            "no answer from the server within command_timeout=%.1fs: connection shut down and "
-            "a cancel request sent, engine=%s",
-            self.call_bound,
-            self.name,
-        )
+    def _cut_event(self, reason: str) -> StatementTimedOut | HangAbort:
+        if reason == "deadline":
+            return StatementTimedOut(self.name)
+        return HangAbort(self.name, reason)
+
+    def overran(self, reason: str) -> None:
+        """The watchdog has shut a connection down (after :meth:`cutting`): log and announce
+        it."""
+        self.stats.emit(self._cut_event(reason), counted=True)
+        if reason == "deadline":
+            logger.warning(
+                "no answer from the server within command_timeout=%.1fs: connection shut "
+                "down and a cancel request sent, engine=%s",
+                self.call_bound,
+                self.name,
+            )
 
     def abort(self, dbapi_conn: Any) -> None:
         """Close a DBAPI connection at once, without I/O (safe in a cancelled task)."""

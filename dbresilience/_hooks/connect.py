@@ -27,11 +27,12 @@ from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 from dbresilience import _sqla
-from dbresilience._circuit_breaker import CircuitBreaker
+from dbresilience._circuit_breaker import BreakerState, CircuitBreaker
 from dbresilience._classification import Classification, ErrorKind, classify
 from dbresilience._commit_outcome import connect_budget
 from dbresilience._drivers import tune_socket
 from dbresilience._errors import CircuitOpen, error_from, make_error
+from dbresilience._events import BreakerTransition, ConnectFailure
 from dbresilience._hooks._state import EngineResilience
 from dbresilience._observability import logger
 from dbresilience._retrying import retry_kwargs
@@ -171,26 +172,39 @@ class Connector:
     ) -> DBAPIConnection:
         """One connect attempt (running the app's ``do_connect`` listeners), through the
         circuit breaker."""
+        stats = self.state.stats
         if breaker is None:
-            return invoke(record)
+            try:
+                return invoke(record)
+            except Exception as exc:
+                stats.emit(ConnectFailure(self.state.name, classify(exc)))
+                raise
+        probes = breaker.probes
         if not breaker.allow():
             raise self._circuit_open(breaker)
-        stats = self.state.stats
+        if breaker.probes != probes:  # this caller took the probe slot of an open breaker
+            self._transition("open", "half-open")
         try:
             connection: DBAPIConnection = invoke(record)
         except Exception as exc:
-            stats.incr("connect.failed")
-            if classify(exc).kind not in _CONNECTIVITY_KINDS:
-                breaker.record_success()  # reached the server (e.g. auth failed): not down
+            found = classify(exc)
+            stats.emit(ConnectFailure(self.state.name, found))
+            if found.kind not in _CONNECTIVITY_KINDS:
+                # reached the server (e.g. auth failed): not down
+                if breaker.record_success():
+                    self._transition("half-open", "closed")
             elif breaker.record_failure():
-                stats.incr("breaker.opened")
-                logger.warning("circuit breaker opened for %s", self.state.name)
+                self._transition("closed", "open")
             raise
         except BaseException:
             breaker.abandon()  # cancelled: let another caller probe
             raise
-        breaker.record_success()
+        if breaker.record_success():
+            self._transition("half-open", "closed")
         return connection
+
+    def _transition(self, old: BreakerState, new: BreakerState) -> None:
+        self.state.stats.emit(BreakerTransition(self.state.name, old, new))
 
     def _circuit_open(self, breaker: CircuitBreaker) -> Exception:
         wait = breaker.retry_after()

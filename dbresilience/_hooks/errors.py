@@ -28,6 +28,7 @@ from dbresilience._classification import Classification, ErrorKind, classify
 from dbresilience._commit_outcome import IN_RECOVERY_KEY, CommitOutcome, verdict_of
 from dbresilience._drivers import Position
 from dbresilience._errors import error_from, wrap
+from dbresilience._events import Disconnect, Invalidation
 from dbresilience._hooks._state import (
     CUT_OFF,
     CUT_REASON,
@@ -82,7 +83,7 @@ class ErrorHook:
             return None
         if found.connection_unusable or cut:
             ctx.is_disconnect = True
-        self.state.stats.incr(f"error.{found.kind.value}")
+        self._report(ctx, found)
         sa_error = ctx.sqlalchemy_exception
         if isinstance(sa_error, sa_exc.DBAPIError):
             error = wrap(sa_error, found, connection_invalidated=ctx.is_disconnect)
@@ -98,6 +99,21 @@ class ErrorHook:
         if cut:
             error.add_detail(f"dbresilience: {found.reason}")
         return error
+
+    def _report(self, ctx: ExceptionContext, found: Classification) -> None:
+        """Count the error; announce a lost connection and its invalidation."""
+        stats = self.state.stats
+        stats.incr(f"error.{found.kind.value}")
+        if ctx.connection is None:  # while connecting: the connect hooks report it
+            return
+        name = self.state.name
+        if found.kind is ErrorKind.DISCONNECT:
+            stats.emit(Disconnect(name, found))
+        if ctx.is_disconnect:  # SQLAlchemy now invalidates the connection (or the pool)
+            if ctx.invalidate_pool_on_disconnect:
+                stats.emit(Invalidation(name, "pool", found.kind.value))
+            else:
+                stats.emit(Invalidation(name, "connection", found.kind.value))
 
     def _cut_off(self, position: Position, why: str) -> Classification:
         autocommit = position is Position.AUTOCOMMIT

@@ -42,6 +42,7 @@ from sqlalchemy.engine import Engine
 
 from dbresilience import _sqla
 from dbresilience._commit_outcome import SERVER_PID_KEY, SYSTEM_ID_KEY
+from dbresilience._events import Invalidation
 from dbresilience._hooks._state import EngineResilience
 from dbresilience._observability import logger
 from dbresilience._watchdog import watchdog
@@ -242,6 +243,7 @@ class HangMonitor:
             engine = self.engine_ref()
             if engine is not None:
                 _sqla.invalidate_all(engine.pool)
+                state.stats.emit(Invalidation(state.name, "pool", "host-hung"))
             return
         self.hung.pop(address, None)  # it answers again
         for connection, entry, pid in calls:
@@ -387,7 +389,7 @@ class _Prober:
         self._timed_out = True  # the probe's own bound: the server did not answer in time
         return None
 
-    def overran(self) -> None:
+    def overran(self, reason: str) -> None:
         return None
 
     def _connect_psycopg(self) -> Any:

@@ -20,6 +20,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 from dbresilience import _sqla
+from dbresilience._events import Invalidation
 from dbresilience._hooks._state import EngineResilience
 from dbresilience._hooks.connect import Connector
 
@@ -46,8 +47,18 @@ class Liveness:
         dispatch = pool.dispatch
         checkin_failed = _sqla.checkin_failed
 
+        pending = self.state.pending
+        stats = self.state.stats
+
         def vetted(get: Any) -> ConnectionPoolEntry:
-            record: ConnectionPoolEntry = get()
+            pending.append(None)  # deque.append/pop: atomic, no lock
+            try:
+                record: ConnectionPoolEntry = get()
+            except sa_exc.TimeoutError:  # pool_timeout: no connection came free in time
+                stats.incr("pool.timeouts")
+                raise
+            finally:
+                pending.pop()
             try:
                 dbapi_conn = record.dbapi_connection
                 if dbapi_conn is not None:  # None: invalidated earlier, about to reconnect
@@ -77,7 +88,9 @@ class Liveness:
             # Readable while idle: usually FATAL + EOF from the server; rarely a NOTIFY.
             if self._ping(dbapi_conn):
                 return
-        self.state.stats.incr("dead.replaced")
+        stats = self.state.stats
+        stats.incr("dead.replaced")
+        stats.emit(Invalidation(self.state.name, "connection", "dead at checkout"))
         record.invalidate(sa_exc.DisconnectionError("dbresilience: pooled connection found dead"))
 
     def _ping(self, dbapi_conn: Any) -> bool:

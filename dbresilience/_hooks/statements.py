@@ -29,6 +29,7 @@ from sqlalchemy.engine.interfaces import Dialect, ExecuteStyle
 from dbresilience import _sqla
 from dbresilience._classification import ErrorKind, classify
 from dbresilience._drivers import Position
+from dbresilience._events import Invalidation, Replay
 from dbresilience._hooks._state import (
     CUT_OFF,
     CUT_REASON,
@@ -161,8 +162,10 @@ class StatementGuard:
         # suspect too (a restart kills them all); they are recycled at their next checkout.
         _sqla.invalidate_older(context.root_connection.engine.pool, context, exc)
         new_cursor = _reconnect(context, exc)
-        state.stats.retry("statement", 1, 0.0, found)
-        state.stats.incr("replay.statement")
+        stats = state.stats
+        stats.emit(Invalidation(state.name, "pool", "dead at first statement"))
+        stats.retry("statement", 1, 0.0, found)
+        stats.emit(Replay(state.name, found))
         return new_cursor
 
     def _replay(
