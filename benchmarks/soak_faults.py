@@ -120,7 +120,8 @@ def main() -> int:
     duplicated = len(rows) - len(present)
     missing = acknowledged - present
     unacknowledged = present - acknowledged
-    commits = {k: v for k, v in sorted(stats.counters.items()) if k.startswith(("commit.", "commit-"))}
+    counters = sorted(stats.counters.items())
+    commits = {k: v for k, v in counters if k.startswith(("commit.", "commit-"))}
     print(
         f"duration={args.duration:.0f}s threads={args.threads} load={args.load} "
         f"faults={dict(faults)}\n"
