@@ -7,6 +7,7 @@ survives server restarts, killed backends, reset sockets and overload without co
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
@@ -54,11 +55,26 @@ from dbresilience._transactions import run_transaction, transactional
 
 if TYPE_CHECKING:
     from dbresilience._async_transactions import async_session_factory, run_async_transaction
+    from dbresilience._exporters._otel import instrument_opentelemetry
+    from dbresilience._exporters._prometheus import register_prometheus
 
 _LAZY = {"async_session_factory", "run_async_transaction"}
+# The exporters import their library: only when the application asks for one.
+_EXPORTERS = {
+    "instrument_opentelemetry": ("_otel", "opentelemetry", "otel"),
+    "register_prometheus": ("_prometheus", "prometheus_client", "prometheus"),
+}
 
 
 def __getattr__(name: str) -> Any:
+    if name in _EXPORTERS:
+        module, library, extra = _EXPORTERS[name]
+        if importlib.util.find_spec(library) is None:
+            raise ImportError(
+                f"dbresilience.{name} needs {library}: pip install 'dbresilience[{extra}]'"
+            )
+        exporter = importlib.import_module(f"dbresilience._exporters.{module}")
+        return getattr(exporter, name)
     # The asyncio API needs greenlet (sqlalchemy[asyncio]), which the sync extras do not
     # install: load it on first use so that `import dbresilience` works without it.
     if name in _LAZY:
@@ -121,6 +137,8 @@ __all__ = [
     "create_resilient_engine",
     "get_stats",
     "install",
+    "instrument_opentelemetry",
+    "register_prometheus",
     "remove_event_hook",
     "remove_hook",
     "run_async_transaction",

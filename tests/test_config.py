@@ -47,6 +47,8 @@ def test_exported_names_are_pinned() -> None:
         "StatementTimedOut",
         "add_event_hook",
         "remove_event_hook",
+        "instrument_opentelemetry",
+        "register_prometheus",
         "Stats",
         "TransactionConflict",
         "add_hook",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -118,6 +119,7 @@ class Connector:
             ),
         )
         runs = self._do_connect_runs
+        started = time.monotonic()
         try:
             connection: DBAPIConnection = retrying(self._connect_once, invoke, record, breaker)
         except Exception as exc:
@@ -138,6 +140,10 @@ class Connector:
         state.driver.configure(connection, policy)
         if state.call_bound:
             watchdog.ensure_alive()
+        if state.recorders and budget is None:  # a commit check's connection is not the pool's
+            took = time.monotonic() - started
+            for recorder in state.recorders:
+                recorder.connection_created(took)
         return connection
 
     @property

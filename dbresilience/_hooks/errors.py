@@ -83,6 +83,10 @@ class ErrorHook:
             return None
         if found.connection_unusable or cut:
             ctx.is_disconnect = True
+        if cut and why != "host-hung":
+            # Only this connection was cut off (too slow, or its link dead): the server and
+            # the other connections are fine. (A hung host: the monitor invalidated the pool.)
+            ctx.invalidate_pool_on_disconnect = False
         self._report(ctx, found)
         sa_error = ctx.sqlalchemy_exception
         if isinstance(sa_error, sa_exc.DBAPIError):

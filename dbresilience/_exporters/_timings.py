@@ -1,0 +1,111 @@
+"""Timings of connections and statements, measured only on engines that export them.
+
+:func:`attach` adds a :class:`Recorder` to an engine. The first one installs the timing
+wrappers - around the pool's ``_do_get`` (wait), its ``checkin`` event (use), the pool's
+creator (create, measured by the connect hook) and the dialect's ``do_execute*`` (operation
+duration, replays included) - so an engine nobody exports pays nothing for them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import ConnectionPoolEntry, Pool
+
+from dbresilience import _sqla
+from dbresilience._hooks._state import EngineResilience
+
+__all__ = ["Recorder", "attach", "detach"]
+
+_CHECKED_OUT_AT = "dbresilience_checked_out_at"
+_monotonic = time.monotonic
+
+
+class Recorder(Protocol):
+    """Receives timings, in seconds; called on the app's threads: quick, must not raise."""
+
+    def connection_created(self, seconds: float) -> None:
+        """A new connection was made (connect retries included)."""
+
+    def connection_waited(self, seconds: float) -> None:
+        """A checkout got its connection (waiting for a free one, or making one)."""
+
+    def connection_used(self, seconds: float) -> None:
+        """A connection came back to the pool after being checked out this long."""
+
+    def operation(self, seconds: float, error: BaseException | None) -> None:
+        """A statement finished (``error``: what it raised, replays included)."""
+
+
+def attach(state: EngineResilience, engine: Engine, recorder: Recorder) -> None:
+    """Send ``engine``'s timings to ``recorder`` too."""
+    first = not state.recorders
+    state.recorders = (*state.recorders, recorder)
+    if first:
+        _time_pool(state, engine.pool)
+        event.listen(engine.pool, "checkin", _checkin_listener(state))  # kept by recreate()
+        _time_statements(state, engine)
+
+
+def detach(state: EngineResilience, recorder: Recorder) -> None:
+    """Stop sending timings to ``recorder`` (the wrappers stay, calling nobody)."""
+    state.recorders = tuple(r for r in state.recorders if r is not recorder)
+
+
+def _time_pool(state: EngineResilience, pool: Pool) -> None:
+    def timed(get: Callable[[], ConnectionPoolEntry]) -> ConnectionPoolEntry:
+        start = _monotonic()
+        record = get()
+        now = _monotonic()
+        recorders = state.recorders
+        if recorders:
+            info: dict[Any, Any] = record.record_info  # type: ignore[assignment]
+            info[_CHECKED_OUT_AT] = now
+            for recorder in recorders:
+                recorder.connection_waited(now - start)
+        return record
+
+    _sqla.wrap_do_get(pool, timed)
+    _sqla.on_recreate(pool, lambda new: _time_pool(state, new))
+
+
+def _checkin_listener(state: EngineResilience) -> Callable[[Any, ConnectionPoolEntry], None]:
+    def checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        info: dict[Any, Any] | None = record.record_info
+        started = None if info is None else info.pop(_CHECKED_OUT_AT, None)
+        if started is not None:
+            used = _monotonic() - started
+            for recorder in state.recorders:
+                recorder.connection_used(used)
+
+    return checkin
+
+
+def _time_statements(state: EngineResilience, engine: Engine) -> None:
+    dialect = engine.dialect
+
+    def timing(original: Callable[..., None]) -> Callable[..., None]:
+        def timed(*args: Any, **kwargs: Any) -> None:
+            start = _monotonic()
+            try:
+                original(*args, **kwargs)
+            except BaseException as exc:
+                elapsed = _monotonic() - start
+                for recorder in state.recorders:
+                    recorder.operation(elapsed, exc)
+                raise
+            elapsed = _monotonic() - start
+            for recorder in state.recorders:
+                recorder.operation(elapsed, None)
+
+        return timed
+
+    dialect.do_execute = timing(dialect.do_execute)  # type: ignore[method-assign]
+    dialect.do_executemany = timing(dialect.do_executemany)  # type: ignore[method-assign]
+    dialect.do_execute_no_params = timing(  # type: ignore[method-assign]
+        dialect.do_execute_no_params
+    )
