@@ -33,6 +33,10 @@ def _summary(script: str, *args: str) -> dict[str, Any]:
         ("bench_checkout.py", {"pre_ping", "resilient", "no_monitor"}),
         ("bench_commit.py", {"resilient_no_verify", "resilient"}),
         ("bench_async_checkout.py", {"pre_ping", "resilient"}),
+        (
+            "bench_instrumentation.py",
+            {"otel_api_only", "otel_sdk", "prometheus", "both", "plain"},
+        ),
     ],
 )
 def test_benchmark_runs_and_reports_ratios(script: str, engines: set[str]) -> None:

@@ -71,6 +71,8 @@ class OpenTelemetryMetrics:
     """The instruments of one engine (returned by :func:`instrument_opentelemetry`);
     :meth:`close` stops recording its timings."""
 
+    timings: tuple[str, ...] = ("wait", "use", "create", "operation")
+
     def __init__(self, engine: Any, meter: metrics.Meter, name: str) -> None:
         sync_engine = _sync_engine(engine)
         self._state = resilience_of(sync_engine)

@@ -86,6 +86,8 @@ class _Histogram:
 class PrometheusCollector:
     """The ``dbresilience_*`` series of one engine (see :func:`register_prometheus`)."""
 
+    timings: tuple[str, ...] = ("wait",)  # the acquire-time histogram only
+
     def __init__(self, engine: Any, name: str) -> None:
         sync_engine = _sync_engine(engine)
         self._state = resilience_of(sync_engine)

@@ -26,7 +26,12 @@ _monotonic = time.monotonic
 
 
 class Recorder(Protocol):
-    """Receives timings, in seconds; called on the app's threads: quick, must not raise."""
+    """Receives timings, in seconds; called on the app's threads: quick, must not raise.
+
+    :ivar timings: which it wants: ``"wait"``, ``"use"``, ``"create"``, ``"operation"``.
+    """
+
+    timings: tuple[str, ...]
 
     def connection_created(self, seconds: float) -> None:
         """A new connection was made (connect retries included)."""
@@ -42,50 +47,75 @@ class Recorder(Protocol):
 
 
 def attach(state: EngineResilience, engine: Engine, recorder: Recorder) -> None:
-    """Send ``engine``'s timings to ``recorder`` too."""
-    first = not state.recorders
-    state.recorders = (*state.recorders, recorder)
-    if first:
-        _time_pool(state, engine.pool)
-        event.listen(engine.pool, "checkin", _checkin_listener(state))  # kept by recreate()
-        _time_statements(state, engine)
+    """Send ``engine``'s timings to ``recorder`` too: those it names in its ``timings``
+    (``"wait"``, ``"use"``, ``"create"``, ``"operation"``; a wrapper is installed for each
+    the first time a recorder wants it)."""
+    wanted = set(recorder.timings)
+    unknown = wanted - set(_KINDS)
+    if unknown:
+        raise ValueError(f"unknown timings {sorted(unknown)}: choose from {list(_KINDS)}")
+    timers: dict[str, tuple[Recorder, ...]] = dict(state.recorders or {})
+    for kind in _KINDS:
+        if kind in wanted:
+            if kind not in timers:
+                _INSTALL[kind](state, engine)
+            timers[kind] = (*timers.get(kind, ()), recorder)
+    state.recorders = timers
 
 
 def detach(state: EngineResilience, recorder: Recorder) -> None:
     """Stop sending timings to ``recorder`` (the wrappers stay, calling nobody)."""
-    state.recorders = tuple(r for r in state.recorders if r is not recorder)
+    timers: dict[str, tuple[Recorder, ...]] = dict(state.recorders or {})
+    state.recorders = {k: tuple(r for r in v if r is not recorder) for k, v in timers.items()}
+
+
+def _time_waits(state: EngineResilience, engine: Engine) -> None:
+    if "use" not in state.recorders:  # else the checkout wrapper is in place already
+        _time_pool(state, engine.pool)
 
 
 def _time_pool(state: EngineResilience, pool: Pool) -> None:
+    """Wrap the pool's ``_do_get``: the wait, and the checkout time the use is measured from
+    (not a ``checkout`` listener: with one, every checkout would also get a socket check, see
+    :mod:`dbresilience._hooks.liveness`)."""
+
     def timed(get: Callable[[], ConnectionPoolEntry]) -> ConnectionPoolEntry:
         start = _monotonic()
         record = get()
         now = _monotonic()
-        recorders = state.recorders
-        if recorders:
+        timers = state.recorders
+        if timers.get("use"):
             info: dict[Any, Any] = record.record_info  # type: ignore[assignment]
             info[_CHECKED_OUT_AT] = now
-            for recorder in recorders:
-                recorder.connection_waited(now - start)
+        for recorder in timers.get("wait", ()):
+            recorder.connection_waited(now - start)
         return record
 
     _sqla.wrap_do_get(pool, timed)
     _sqla.on_recreate(pool, lambda new: _time_pool(state, new))
 
 
-def _checkin_listener(state: EngineResilience) -> Callable[[Any, ConnectionPoolEntry], None]:
+def _time_uses(state: EngineResilience, engine: Engine) -> None:
+    if "wait" not in state.recorders:
+        _time_pool(state, engine.pool)
+
     def checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         info: dict[Any, Any] | None = record.record_info
         started = None if info is None else info.pop(_CHECKED_OUT_AT, None)
         if started is not None:
             used = _monotonic() - started
-            for recorder in state.recorders:
+            for recorder in state.recorders["use"]:
                 recorder.connection_used(used)
 
-    return checkin
+    event.listen(engine.pool, "checkin", checkin)  # recreate() hands it on to the new pool
+
+
+def _time_creates(state: EngineResilience, engine: Engine) -> None:
+    return None  # measured by the connect hook (dbresilience._hooks.connect), when wanted
 
 
 def _time_statements(state: EngineResilience, engine: Engine) -> None:
+    """Time the dialect's ``do_execute*`` (outside the statement guard: replays included)."""
     dialect = engine.dialect
 
     def timing(original: Callable[..., None]) -> Callable[..., None]:
@@ -95,11 +125,11 @@ def _time_statements(state: EngineResilience, engine: Engine) -> None:
                 original(*args, **kwargs)
             except BaseException as exc:
                 elapsed = _monotonic() - start
-                for recorder in state.recorders:
+                for recorder in state.recorders["operation"]:
                     recorder.operation(elapsed, exc)
                 raise
             elapsed = _monotonic() - start
-            for recorder in state.recorders:
+            for recorder in state.recorders["operation"]:
                 recorder.operation(elapsed, None)
 
         return timed
@@ -109,3 +139,12 @@ def _time_statements(state: EngineResilience, engine: Engine) -> None:
     dialect.do_execute_no_params = timing(  # type: ignore[method-assign]
         dialect.do_execute_no_params
     )
+
+
+_KINDS = ("wait", "use", "create", "operation")
+_INSTALL: dict[str, Callable[[EngineResilience, Engine], None]] = {
+    "wait": _time_waits,
+    "use": _time_uses,
+    "create": _time_creates,
+    "operation": _time_statements,
+}

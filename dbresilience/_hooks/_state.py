@@ -83,8 +83,8 @@ class EngineResilience:
         # Calls the watchdog cut off -> (when: monotonic s, why); popped by the statement guard.
         self.cut: dict[Any, tuple[float, str]] = {}
         self.monitor: Any = None  # the HangMonitor, when hang_threshold is set
-        # The exporters' timing recorders (dbresilience._exporters._timings), usually none.
-        self.recorders: tuple[Any, ...] = ()
+        # The exporters' timing recorders by timing (dbresilience._exporters._timings).
+        self.recorders: dict[str, tuple[Any, ...]] = {}
         # One item per checkout in progress (its length: PoolStats.waiting).
         self.pending: collections.deque[None] = collections.deque()
         if self.call_bound:

@@ -140,9 +140,10 @@ class Connector:
         state.driver.configure(connection, policy)
         if state.call_bound:
             watchdog.ensure_alive()
-        if state.recorders and budget is None:  # a commit check's connection is not the pool's
+        creates = state.recorders.get("create") if state.recorders else None
+        if creates and budget is None:  # a commit check's connection is not the pool's
             took = time.monotonic() - started
-            for recorder in state.recorders:
+            for recorder in creates:
                 recorder.connection_created(took)
         return connection
 
