@@ -57,6 +57,7 @@ def test_live_server(scram_pg: PostgresCluster, capsys: pytest.CaptureFixture[st
     assert f"PostgreSQL {version}, primary" in out
     assert "OK: every host reachable and authenticated" in out
     assert "connect_timeout is not set in the URL" in out  # the only warning for this URL
+    assert "a resilient engine on this URL: get_stats()" in out
 
     code, data = _run_json(capsys, url)
     assert code == 0
@@ -73,6 +74,12 @@ def test_live_server(scram_pg: PostgresCluster, capsys: pytest.CaptureFixture[st
     assert host["role"] == "primary"
     assert 0 < host["latency"] < 1.0
     assert host["error"] is None
+    # What a resilient engine saw over the check's statements (get_stats()).
+    engine = data["engine"]
+    assert engine["pool"]["idle"] == 1 and engine["pool"]["checked_out"] == 0
+    assert engine["retries"] == {"connect": 0, "statement": 0, "transaction": 0, "commit_check": 0}
+    assert engine["connect_failures"] == 0 and engine["breaker"] == "closed"
+    assert engine["engine"] == data["url"]
     settings = {s["name"]: (s["value"], s["source"]) for s in data["settings"]}
     assert settings["connect_timeout"] == ("5", "policy")
     assert settings["keepalives"] == ("1", "policy")

@@ -130,6 +130,9 @@ class CheckResult:
     hosts: list[HostCheck]
     settings: list[Setting]
     warnings: list[str]
+    #: What a resilient engine on the URL saw over a few statements (the typed
+    #: ``get_stats()`` snapshot as a dict: pool state, counters); None when not reached.
+    engine: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -412,7 +415,36 @@ def run_check(url: str | URL, *, timeout: float = 5.0) -> CheckResult:
     for check in hosts:
         _check_host(check, parsed, options, timeout)
     result.warnings = warnings_for(parsed, driver, result, ignored)
+    if result.ok:
+        try:
+            result.engine = _bounded(lambda: _through_engine(parsed), 3 * timeout)
+        except Exception as exc:
+            result.warnings.append(f"a resilient engine could not run statements: {_describe(exc)}")
     return result
+
+
+_ENGINE_STATEMENTS = 3
+
+
+def _through_engine(url: URL) -> dict[str, Any]:
+    """Run a few statements through a resilient engine (psycopg: a sync engine, whatever
+    the URL's driver); its ``get_stats()`` snapshot as a dict."""
+    from sqlalchemy import text
+
+    from dbresilience import create_resilient_engine, get_stats
+
+    engine = create_resilient_engine(url.set(drivername="postgresql+psycopg"))
+    try:
+        for _ in range(_ENGINE_STATEMENTS):
+            with engine.connect() as conn:
+                conn.execute(text("select 1"))
+        stats = get_stats(engine)
+    finally:
+        engine.dispose()
+    out = asdict(stats)
+    out["counters"] = dict(stats.counters)
+    out["engine"] = mask_url(url)
+    return out
 
 
 # -- machine-readable output (no rich needed) --------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -65,9 +67,32 @@ def print_result(result: CheckResult, console: Console) -> None:
         value = f"{s.value} {s.unit}".strip()
         settings.add_row(s.name, value, "URL" if s.source == "url" else "Policy default")
     console.print(settings)
+    if result.engine is not None:
+        console.print(_engine_table(result.engine))
     for warning in result.warnings:
         console.print(Text.assemble(("warning: ", "bold yellow"), warning))
     if result.ok:
         console.print(Text("OK: every host reachable and authenticated", style="bold green"))
     else:
         console.print(Text("FAILED: see the errors above", style="bold red"))
+
+
+def _engine_table(stats: dict[str, Any]) -> Table:
+    """What a resilient engine saw over the check's statements: get_stats()."""
+    table = Table(
+        title=Text("a resilient engine on this URL: get_stats()", style="bold"),
+        title_justify="left",
+    )
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    pool = stats["pool"]
+    table.add_row("pool: size / max", f"{pool['size']} / {pool['max']}")
+    in_use = f"{pool['idle']} / {pool['checked_out']} / {pool['waiting']}"
+    table.add_row("pool: idle / in use / waiting", in_use)
+    r = stats["retries"]
+    retries = f"{r['connect']} / {r['statement']} / {r['transaction']}"
+    table.add_row("retries: connect / statement / transaction", retries)
+    table.add_row("connect failures", str(stats["connect_failures"]))
+    table.add_row("lost connections / replays", f"{stats['disconnects']} / {stats['replays']}")
+    table.add_row("circuit breaker", str(stats["breaker"]))
+    return table

@@ -85,12 +85,17 @@ _ERROR_PAUSE = 0.05  # what an application would wait after a failed transaction
 _JOIN_GRACE = 20.0  # > the resilient engine's connect deadline (10 s)
 _SETTLE = 1.0  # the workload keeps running this long after the last fault
 _WORKER_ID_STRIDE = 10_000_000
-_RECOVERY_KEYS = (
+_RECOVERY_KEYS = (  # get_stats() counters (dbresilience._observability)
     "replay.statement",
     "dead.replaced",
+    "disconnect",
+    "invalidated.pool",
     "retry.connect",
     "retry.transaction",
     "breaker.opened",
+    "commit.committed",
+    "commit.aborted",
+    "commit.unknown",
 )
 _LOGGERS = ("dbresilience", "sqlalchemy", "asyncio")
 
