@@ -8,7 +8,7 @@ in :mod:`dbresilience._observability`; ``stats["retry.connect"]`` reads one (0 i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
@@ -102,6 +102,15 @@ class EngineStats:
     def __getitem__(self, key: str) -> int:
         """The raw counter ``key`` (e.g. ``"retry.connect.unavailable"``); 0 if never seen."""
         return self.counters.get(key, 0)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether raw counter ``key`` was ever counted."""
+        return key in self.counters
+
+    def __iter__(self) -> Iterator[str]:
+        """The raw counters' keys (without it, ``in`` and iteration would call
+        ``__getitem__`` with 0, 1, 2... for ever)."""
+        return iter(self.counters)
 
     @overload
     def get(self, key: str) -> int | None: ...

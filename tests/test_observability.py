@@ -31,6 +31,7 @@ from dbresilience import (
     Event,
     Invalidation,
     Policy,
+    PoolStats,
     Replay,
     RetryDetails,
     add_event_hook,
@@ -420,3 +421,14 @@ def test_nothing_is_imported_until_asked() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_engine_stats_reads_like_the_old_counters_dict() -> None:
+    stats = EngineStats.build(
+        "e", {"retry.connect": 2, "retry.connect.unavailable": 2}, PoolStats(), None
+    )
+    assert "retry.connect" in stats and "replay.statement" not in stats
+    assert stats["retry.connect.unavailable"] == 2 and stats["replay.statement"] == 0
+    assert stats.get("replay.statement") is None and stats.get("replay.statement", 7) == 7
+    assert sorted(stats) == ["retry.connect", "retry.connect.unavailable"]
+    assert stats.retries.connect == 2 and stats.replays == 0
