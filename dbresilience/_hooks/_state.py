@@ -81,6 +81,9 @@ class EngineResilience:
         # Calls the watchdog cut off -> (when: monotonic s, why); popped by the statement guard.
         self.cut: dict[Any, tuple[float, str]] = {}
         self.monitor: Any = None  # the HangMonitor, when hang_threshold is set
+        # (host, port) -> when it answered a write with 25006 while in recovery: new
+        # connections try it last, the most recent last (hooks.errors / hooks.connect).
+        self.in_recovery_at: dict[tuple[str, int], float] = {}
         if self.call_bound:
             watchdog.start()
 
