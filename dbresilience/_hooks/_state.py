@@ -87,6 +87,9 @@ class EngineResilience:
         self.recorders: dict[str, tuple[Any, ...]] = {}
         # One item per checkout in progress (its length: PoolStats.waiting).
         self.pending: collections.deque[None] = collections.deque()
+        # (host, port) -> when it answered a write with 25006 while in recovery: new
+        # connections try it last, the most recent last (hooks.errors / hooks.connect).
+        self.in_recovery_at: dict[tuple[str, int], float] = {}
         if self.call_bound:
             watchdog.start()
 

@@ -3,6 +3,10 @@
 * ``do_connect`` (event) - network defaults (timeouts, keepalives; for asyncpg set on the
   socket). It returns nothing, so the application's own ``do_connect`` listeners (token
   rotation) still run, and run again on every attempt.
+* ``do_connect`` also puts last, in a multi-host URL, the hosts that answered a write with
+  25006 while in recovery (a standby, a demoted primary listed first) and those the hang
+  monitor found hung: libpq and asyncpg take the first host that accepts the connection, so
+  without it every new connection would land there again.
 * the pool's creator (wrapped) - connect retries with backoff through tenacity, bounded by
   :attr:`Policy.connect_deadline` (or a commit check's budget), behind the circuit breaker
   (commit checks bypass it). Engines made with ``creator=`` / ``async_creator=`` get the same;
@@ -13,11 +17,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import tenacity
@@ -39,7 +44,7 @@ from dbresilience._observability import logger
 from dbresilience._retrying import retry_kwargs
 from dbresilience._watchdog import watchdog
 
-__all__ = ["Connector"]
+__all__ = ["Connector", "try_hosts_last"]
 
 _CONNECT_RETRY_KINDS = frozenset(
     {ErrorKind.UNAVAILABLE, ErrorKind.RESOURCE_EXHAUSTED, ErrorKind.DISCONNECT}
@@ -50,6 +55,42 @@ _CONNECTIVITY_KINDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.DISCONNECT})
 
 def _connect_retryable(exc: BaseException) -> bool:
     return not isinstance(exc, CircuitOpen) and classify(exc).kind in _CONNECT_RETRY_KINDS
+
+
+def try_hosts_last(cparams: dict[str, Any], last: Mapping[tuple[str, int], float]) -> bool:
+    """Reorder a multi-host ``cparams`` (libpq's ``host``/``port`` lists as strings, or
+    asyncpg's lists) so that the addresses in ``last`` come after the others, in the order of
+    their values (the smallest first); the others keep their order. True if anything moved.
+    """
+    host, port = cparams.get("host"), cparams.get("port")
+    as_text = isinstance(host, str)
+    hosts = host.split(",") if isinstance(host, str) else list(host or [])
+    if len(hosts) < 2:
+        return False
+    ports_in = port.split(",") if isinstance(port, str) else port
+    ports = list(ports_in) if isinstance(ports_in, (list, tuple)) else [port] * len(hosts)
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    if len(ports) != len(hosts):
+        return False
+    pairs = list(zip(hosts, ports, strict=True))
+
+    def rank(pair: tuple[Any, Any]) -> float:
+        try:
+            return last.get((str(pair[0]), int(pair[1] or 5432)), -math.inf)
+        except ValueError:
+            return -math.inf
+
+    ordered = sorted(pairs, key=rank)  # stable: the others keep their order
+    if ordered == pairs:
+        return False
+    if as_text:
+        cparams["host"] = ",".join(str(h) for h, _ in ordered)
+        cparams["port"] = ",".join(str(p) for _, p in ordered)
+    else:
+        cparams["host"] = [h for h, _ in ordered]
+        cparams["port"] = [p for _, p in ordered]
+    return True
 
 
 class Connector:
@@ -72,6 +113,8 @@ class Connector:
         self._do_connect_runs += 1
         state = self.state
         state.driver.apply_network_defaults(cparams, state.policy, budget=connect_budget.get())
+        if state.in_recovery_at and try_hosts_last(cparams, dict(state.in_recovery_at)):
+            state.stats.incr("recovery.hosts-reordered")
         monitor = state.monitor
         if monitor is not None and monitor.hung:
             from dbresilience._hooks.hangs import try_hung_hosts_last

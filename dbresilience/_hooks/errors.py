@@ -14,11 +14,14 @@ What the other hooks marked decides what is known:
   :class:`CommitOutcomeUnknown`;
 * 25006 (read-only transaction) from a server that was in recovery when the connection was
   made (a standby, a demoted primary): :class:`DatabaseUnavailable`, a failover signal; from a
-  primary it is the application's (a read-only role).
+  primary it is the application's (a read-only role). The connection is invalidated (the pool
+  with it) and the server's address noted: new connections of a multi-host URL try it last
+  (see ``hooks.connect``), so that the retry reaches the primary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from sqlalchemy import exc as sa_exc
@@ -73,6 +76,7 @@ class ErrorHook:
                 found = Classification(
                     ErrorKind.UNAVAILABLE, "25006", "read-only: server in recovery"
                 )
+                self._note_in_recovery(ctx)
             found = self.state.driver.refine(original, found)
             if found.kind is ErrorKind.APPLICATION and ctx.is_disconnect:
                 # The dialect saw the connection closed/broken although we know no rule for
@@ -165,6 +169,16 @@ class ErrorHook:
         return Classification(
             ErrorKind.COMMIT_OUTCOME_UNKNOWN, found.sqlstate, f"{how} ({found.reason})"
         )
+
+    def _note_in_recovery(self, ctx: ExceptionContext) -> None:
+        """Remember that the connection's server refused a write while in recovery: new
+        connections try its address last (the most recently noted last)."""
+        state = self.state
+        with contextlib.suppress(Exception):  # no address (closed meanwhile): nothing to note
+            raw = ctx.connection.connection.dbapi_connection  # type: ignore[union-attr]
+            address = state.driver.address(raw)
+            state.in_recovery_at[address] = time.monotonic()
+            state.stats.incr("recovery.write-refused")
 
     @staticmethod
     def _in_recovery(ctx: ExceptionContext) -> bool:

@@ -44,6 +44,7 @@ from dbresilience import _sqla
 from dbresilience._commit_outcome import SERVER_PID_KEY, SYSTEM_ID_KEY
 from dbresilience._events import Invalidation
 from dbresilience._hooks._state import EngineResilience
+from dbresilience._hooks.connect import try_hosts_last
 from dbresilience._observability import logger
 from dbresilience._watchdog import watchdog
 
@@ -276,35 +277,7 @@ def try_hung_hosts_last(cparams: dict[str, Any], hung: set[tuple[str, int]]) -> 
     libpq and asyncpg try the hosts in order, each for its whole connect timeout: a frozen
     former primary first in the list would cost every new connection that long.
     """
-    host, port = cparams.get("host"), cparams.get("port")
-    as_text = isinstance(host, str)
-    hosts = host.split(",") if isinstance(host, str) else list(host or [])
-    if len(hosts) < 2:
-        return False
-    ports_in = port.split(",") if isinstance(port, str) else port
-    ports = list(ports_in) if isinstance(ports_in, (list, tuple)) else [port] * len(hosts)
-    if len(ports) == 1:
-        ports = ports * len(hosts)
-    if len(ports) != len(hosts):
-        return False
-    pairs = list(zip(hosts, ports, strict=True))
-
-    def is_hung(pair: tuple[Any, Any]) -> bool:
-        try:
-            return (str(pair[0]), int(pair[1] or 5432)) in hung
-        except ValueError:
-            return False
-
-    ordered = sorted(pairs, key=is_hung)  # stable: the others keep their order
-    if ordered == pairs:
-        return False
-    if as_text:
-        cparams["host"] = ",".join(str(h) for h, _ in ordered)
-        cparams["port"] = ",".join(str(p) for _, p in ordered)
-    else:
-        cparams["host"] = [h for h, _ in ordered]
-        cparams["port"] = [p for _, p in ordered]
-    return True
+    return try_hosts_last(cparams, dict.fromkeys(hung, 0.0))
 
 
 def _still_working(row: tuple[Any, ...]) -> bool:

