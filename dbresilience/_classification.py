@@ -114,7 +114,8 @@ _SQLSTATE_CLASS: dict[str, ErrorKind] = {
     "28": ErrorKind.PERMANENT,
 }
 
-# PgBouncer reports every pooler error as 08P01; tell them apart by text (src/proto.c).
+# PgBouncer reports every pooler error as 08P01 (asyncpg: 08003 when PgBouncer also closed the
+# connection, the 08P01 text appended); tell them apart by text (src/proto.c).
 _PGBOUNCER_MESSAGES: tuple[tuple[str, ErrorKind], ...] = (
     ("query_wait_timeout", ErrorKind.RESOURCE_EXHAUSTED),
     ("no more connections allowed", ErrorKind.RESOURCE_EXHAUSTED),
@@ -190,11 +191,15 @@ def _sqlstate_of(exc: BaseException) -> str | None:
 
 
 def _from_sqlstate(sqlstate: str, message: str) -> Classification:
-    if sqlstate == "08P01":
+    if sqlstate.startswith("08"):
+        # PgBouncer's own 08P01, or asyncpg's 08003 for the connection PgBouncer closed after
+        # it ("connection was closed in the middle of operation: server login has been
+        # failing..."): the pooler's text says what happened, whatever the code on top.
         lowered = message.lower()
         for needle, kind in _PGBOUNCER_MESSAGES:
             if needle in lowered:
                 return Classification(kind, sqlstate, f"pgbouncer: {needle}")
+    if sqlstate == "08P01":
         return Classification(ErrorKind.DISCONNECT, sqlstate, "protocol violation")
     exact = _SQLSTATE_EXACT.get(sqlstate)
     if exact is not None:

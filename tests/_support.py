@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import select
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import psycopg
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from dbresilience import run_transaction
+from dbresilience import run_async_transaction, run_transaction
 from dbresilience.testing import PostgresCluster
 
 SCRAM_ROLE = "app"
@@ -82,6 +85,58 @@ def ledger_workload(
     stop.set()
     join_all([faulter], timeout=30, what="the fault thread")
     join_all(workers, timeout=60, what="a worker")
+    return ledger
+
+
+async def async_ledger_workload(
+    engine: AsyncEngine,
+    fault: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    *,
+    tasks: int,
+    duration: float,
+    max_silence: float,
+) -> Ledger:
+    """``tasks`` asyncio tasks run ``run_async_transaction(insert-then-count)`` into table
+    ``ledger`` for ``duration`` seconds while ``fault(stop)`` runs as a task of its own. A task
+    still running ``max_silence`` seconds after the stop fails the run (a stuck task)."""
+    ledger = Ledger()
+    stop = asyncio.Event()
+
+    async def insert_then_count(conn: AsyncConnection, worker: int, seq: int) -> int:
+        await conn.execute(
+            text("insert into ledger (worker, seq) values (:w, :s)"), {"w": worker, "s": seq}
+        )
+        return int((await conn.execute(text("select count(*) from ledger"))).scalar_one())
+
+    async def worker(n: int) -> None:
+        seq = 0
+        last = time.monotonic()
+        while not stop.is_set():
+            seq += 1
+            try:
+                await run_async_transaction(engine, partial(insert_then_count, worker=n, seq=seq))
+            except Exception as e:
+                ledger.errors.append(e)
+                await asyncio.sleep(0.001)
+                continue
+            now = time.monotonic()
+            ledger.longest_silence = max(ledger.longest_silence, now - last)
+            last = now
+            ledger.acknowledged.add((n, seq))
+            ledger.success_times.append(now)
+
+    workers = [asyncio.create_task(worker(n)) for n in range(tasks)]
+    faulter = asyncio.create_task(fault(stop))
+    await asyncio.sleep(duration)
+    stop.set()
+    await asyncio.wait_for(faulter, 30)
+    done, stuck = await asyncio.wait(workers, timeout=max_silence)
+    for task in stuck:
+        task.cancel()
+    # (a plain module: pytest does not rewrite these asserts, so say what failed)
+    assert not stuck, f"{len(stuck)} tasks stuck"
+    for task in done:
+        task.result()
     return ledger
 
 

@@ -6,17 +6,14 @@ and no task went quiet (the stuck tasks of plain ``create_async_engine``)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Coroutine, Iterator
-from functools import partial
 from typing import Any
 
 import pytest
-from _support import Ledger, check_exactly_once, wait_until_accepting
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from _support import Ledger, async_ledger_workload, check_exactly_once, wait_until_accepting
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from dbresilience import create_async_resilient_engine, get_stats, run_async_transaction
+from dbresilience import create_async_resilient_engine, get_stats
 from dbresilience.testing import ChaosProxy, PostgresCluster
 
 TASKS = 16
@@ -27,44 +24,9 @@ MAX_SILENCE = 5.0  # seconds a task may go without a commit (the restart itself 
 async def _workload(
     engine: AsyncEngine, fault: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 ) -> Ledger:
-    ledger = Ledger()
-    stop = asyncio.Event()
-
-    async def insert_then_count(conn: AsyncConnection, worker: int, seq: int) -> int:
-        await conn.execute(
-            text("insert into ledger (worker, seq) values (:w, :s)"), {"w": worker, "s": seq}
-        )
-        return int((await conn.execute(text("select count(*) from ledger"))).scalar_one())
-
-    async def worker(n: int) -> None:
-        seq = 0
-        last = time.monotonic()
-        while not stop.is_set():
-            seq += 1
-            try:
-                await run_async_transaction(engine, partial(insert_then_count, worker=n, seq=seq))
-            except Exception as e:
-                ledger.errors.append(e)
-                await asyncio.sleep(0.001)
-                continue
-            now = time.monotonic()
-            ledger.longest_silence = max(ledger.longest_silence, now - last)
-            last = now
-            ledger.acknowledged.add((n, seq))
-            ledger.success_times.append(now)
-
-    tasks = [asyncio.create_task(worker(n)) for n in range(TASKS)]
-    faulter = asyncio.create_task(fault(stop))
-    await asyncio.sleep(DURATION)
-    stop.set()
-    await asyncio.wait_for(faulter, 30)
-    done, stuck = await asyncio.wait(tasks, timeout=MAX_SILENCE)
-    for task in stuck:
-        task.cancel()
-    assert not stuck, f"{len(stuck)} tasks stuck"
-    for task in done:
-        task.result()
-    return ledger
+    return await async_ledger_workload(
+        engine, fault, tasks=TASKS, duration=DURATION, max_silence=MAX_SILENCE
+    )
 
 
 def _check(pg: PostgresCluster, ledger: Ledger, engine: AsyncEngine) -> None:

@@ -14,7 +14,7 @@ from _support import SCRAM_ROLE, SCRAM_SECRET
 
 from dbresilience._engine import parse_url
 from dbresilience.cli import _check, _check_advice, main
-from dbresilience.testing import ChaosProxy, PostgresCluster, free_port
+from dbresilience.testing import ChaosProxy, PgBouncer, PostgresCluster, find_pgbouncer, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -277,3 +277,25 @@ def test_json_needs_no_rich(shared_pg: PostgresCluster) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["hosts"][0]["role"] == "primary"
     assert "rich" not in done.stderr
+
+
+@pytest.mark.skipif(find_pgbouncer() is None, reason="needs Debian's pgbouncer package")
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+def test_a_pooler_is_noticed_and_prepared_statements_advice_given(
+    shared_pg: PostgresCluster, driver: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, data = _run_json(capsys, shared_pg.url(driver))
+    assert code == 0
+    assert data["hosts"][0]["pooler"] is False
+    assert not any("pooler" in w for w in data["warnings"])
+
+    with PgBouncer(shared_pg, pool_mode="transaction") as bouncer:
+        code, data = _run_json(capsys, bouncer.url(driver))
+        human_code, out, _ = _run(capsys, bouncer.url(driver))
+    assert code == 0 and human_code == 0
+    assert data["hosts"][0]["pooler"] is True
+    (advice,) = [w for w in data["warnings"] if "pooler" in w]
+    assert advice.startswith(f"127.0.0.1:{bouncer.port}: a connection pooler answers")
+    setting = {"psycopg": '"prepare_threshold": None', "asyncpg": '"statement_cache_size": 0'}
+    assert setting[driver] in advice
+    assert "through a connection pooler" in out

@@ -72,6 +72,14 @@ class _PgLike(Exception):
         ("08P01", "client_idle_timeout", ErrorKind.DISCONNECT),
         ("08P01", "query_timeout", ErrorKind.TIMEOUT),
         ("08P01", "something else", ErrorKind.DISCONNECT),
+        # asyncpg, when PgBouncer sent its error and closed the connection (PgBouncer 1.18)
+        (
+            "08003",
+            "connection was closed in the middle of operation: server login has been failing, "
+            "try again later (server_login_retry)",
+            ErrorKind.UNAVAILABLE,
+        ),
+        ("08003", "connection was closed in the middle of operation", ErrorKind.DISCONNECT),
     ],
 )
 def test_sqlstate_table(sqlstate: str, message: str, kind: ErrorKind) -> None:

@@ -69,6 +69,8 @@ class HostCheck:
     :ivar tls: TLS in use on the psycopg connection.
     :ivar auth: ``ok``, ``failed``, or ``None`` when the server was not reached.
     :ivar latency: round trip of ``select 1`` in seconds.
+    :ivar pooler: a connection pooler answered (PgBouncer...): the backend pid given at login
+        is not the one the server reports (``pg_backend_pid()``).
     :ivar error: the first failure, ``"<kind>: <message>"`` (kind from :func:`classify` or
         ``timeout``), password-free.
     """
@@ -85,6 +87,7 @@ class HostCheck:
     server_version: str | None = None
     role: Role | None = None
     latency: float | None = None
+    pooler: bool | None = None
     error: str | None = None
 
     @property
@@ -317,7 +320,7 @@ def _tcp_connect(check: HostCheck, targets: list[tuple[int, Any]], timeout: floa
 
 def _login(
     check: HostCheck, url: URL, options: dict[str, str], timeout: float
-) -> tuple[bool, str | None, bool, float]:
+) -> tuple[bool, str | None, bool, float, bool]:
     import psycopg
 
     params: dict[str, Any] = {
@@ -336,11 +339,13 @@ def _login(
     with psycopg.connect(autocommit=True, **params) as conn:
         tls = bool(conn.pgconn.ssl_in_use)
         version = conn.info.parameter_status("server_version")
-        row = conn.execute("select pg_is_in_recovery()").fetchone()
+        row = conn.execute("select pg_is_in_recovery(), pg_backend_pid()").fetchone()
         started = time.perf_counter()
         conn.execute("select 1").fetchone()
         latency = time.perf_counter() - started
-    return tls, version, bool(row and row[0]), latency
+        # A pooler gives the client a backend key of its own at login.
+        pooler = row is not None and int(row[1]) != conn.info.backend_pid
+    return tls, version, bool(row and row[0]), latency, pooler
 
 
 def _auth_failed(exc: BaseException, message: str) -> bool:
@@ -369,7 +374,7 @@ def _check_host(check: HostCheck, url: URL, options: dict[str, str], timeout: fl
             check.error = _describe(exc)
             return
     try:
-        tls, version, standby, latency = _bounded(
+        tls, version, standby, latency, pooler = _bounded(
             lambda: _login(check, url, options, timeout), timeout
         )
     except Exception as exc:
@@ -384,6 +389,7 @@ def _check_host(check: HostCheck, url: URL, options: dict[str, str], timeout: fl
     check.server_version = version
     check.role = "standby" if standby else "primary"
     check.latency = latency
+    check.pooler = pooler
 
 
 def run_check(url: str | URL, *, timeout: float = 5.0) -> CheckResult:

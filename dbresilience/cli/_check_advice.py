@@ -14,7 +14,13 @@ from dbresilience._policy import Policy
 if TYPE_CHECKING:
     from dbresilience.cli._check import CheckResult, Setting
 
-__all__ = ["ASYNCPG_SSL", "effective_settings", "query_value", "warnings_for"]
+__all__ = [
+    "ASYNCPG_SSL",
+    "NO_PREPARED_STATEMENTS",
+    "effective_settings",
+    "query_value",
+    "warnings_for",
+]
 
 _NETWORK_OPTIONS = (
     ("connect_timeout", "s"),
@@ -24,6 +30,11 @@ _NETWORK_OPTIONS = (
     ("keepalives_count", ""),
     ("tcp_user_timeout", "ms"),
 )
+#: What turns a driver's server-side prepared statements off, for a transaction pooler.
+NO_PREPARED_STATEMENTS = {
+    "psycopg": 'connect_args={"prepare_threshold": None}',
+    "asyncpg": 'connect_args={"statement_cache_size": 0}',
+}
 #: asyncpg's ``ssl=`` values, as libpq sslmodes.
 ASYNCPG_SSL = {"true": "require", "false": "disable"}
 _MAX_CONNECT_TIMEOUT = 30  # seconds; more in the URL is flagged as over-large
@@ -110,6 +121,15 @@ def warnings_for(url: URL, driver: str, result: CheckResult, ignored: list[str])
                     f"unreachable host {what} (create_resilient_engine()'s default is "
                     f"{default_timeout:g} s)"
                 )
+    pooled = [h.label for h in result.hosts if h.pooler]
+    if pooled:
+        setting = NO_PREPARED_STATEMENTS.get(driver, NO_PREPARED_STATEMENTS["psycopg"])
+        out.append(
+            f"{', '.join(pooled)}: a connection pooler answers (its backend pid is not the "
+            "server's). If it pools transactions (PgBouncer pool_mode=transaction, without "
+            "max_prepared_statements: before 1.21 or set to 0), turn server-side prepared "
+            f"statements off: {setting}"
+        )
     if any(h.role == "standby" for h in result.hosts) and "target_session_attrs" not in url.query:
         standbys = ", ".join(h.label for h in result.hosts if h.role == "standby")
         out.append(

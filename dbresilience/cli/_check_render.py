@@ -43,7 +43,10 @@ def _host_table(check: HostCheck) -> Table:
     table.add_row("TLS", Text(tls, style="green" if check.tls else "yellow"), "")
     table.add_row("auth", _status(None if check.auth is None else check.auth == "ok"), "")
     if check.server_version is not None:
-        table.add_row("server", _status(True), f"PostgreSQL {check.server_version}, {check.role}")
+        server = f"PostgreSQL {check.server_version}, {check.role}"
+        if check.pooler:
+            server += ", through a connection pooler"
+        table.add_row("server", _status(True), server)
     if check.latency is not None:
         table.add_row("select 1", _status(True), _ms(check.latency))
     if check.error is not None:
