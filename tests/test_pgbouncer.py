@@ -149,6 +149,31 @@ def test_hang_monitor_behind_pgbouncer_leaves_a_slow_query_alone(
     engine.dispose()
 
 
+def test_two_hang_monitors_share_pgbouncer_server_connections(
+    pg: PostgresCluster, bouncer: PgBouncer
+) -> None:
+    # Each engine's monitor probes its slow query over and over through the same PgBouncer:
+    # a probe prepared server-side (psycopg prepares a query run 5 times; a slow query is
+    # looked at once a second) would meet the other monitor's statement of the same name on
+    # a shared server connection.
+    engines = [_engine(bouncer) for _ in range(2)]
+
+    def slow(engine: Engine) -> None:
+        with engine.connect() as conn:
+            conn.execute(text("select pg_sleep(8)"))
+
+    threads = [threading.Thread(target=slow, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    stats = [get_stats(e) for e in engines]
+    for e in engines:
+        e.dispose()
+    assert all(s.get("hang.slow", 0) >= 6 for s in stats), stats  # the probes did run
+    assert all("hang.no-verdict" not in s for s in stats), stats
+
+
 # -- the asyncio drivers: create_async_resilient_engine through the same PgBouncer ----------
 
 

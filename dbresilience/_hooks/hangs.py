@@ -371,6 +371,9 @@ class _Prober:
         params = self._params()
         params.update(autocommit=True, application_name="dbresilience-hang-monitor")
         params["connect_timeout"] = 2  # libpq's minimum; _bounded() gives up sooner
+        # No server-side prepared statements: behind a transaction-mode pooler another
+        # client's server connection would meet them ("_pg3_0" already exists).
+        params["prepare_threshold"] = None
         return psycopg.connect(**params)
 
     def _ask_asyncpg(self, sql: str, timeout: float) -> list[tuple[Any, ...]]:
@@ -386,6 +389,7 @@ class _Prober:
                 settings = dict(kwargs.get("server_settings") or {})
                 settings["application_name"] = "dbresilience-hang-monitor"
                 kwargs["server_settings"] = settings
+                kwargs["statement_cache_size"] = 0  # unnamed statements only (poolers)
                 self._conn = await asyncpg.connect(**kwargs)
                 self._check_cluster(await self._conn.fetchval(_SYSTEM_ID_SQL))
                 self.monitor.state.stats.incr("hang.monitor.connections")
