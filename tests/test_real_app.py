@@ -902,3 +902,40 @@ def test_set_testing_does_not_spin_against_a_server_that_is_down() -> None:
     assert fail_fast < 200, fail_fast
     assert cpu < 1.0, cpu
     engine.dispose()
+
+
+async def _closed_mid_transaction(url: str) -> tuple[type[BaseException] | None, list[int]]:
+    engine = create_async_resilient_engine(url)
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("drop table if exists closed_mid"))
+            await conn.execute(text("create table closed_mid (id int)"))
+            await conn.commit()
+        raised: type[BaseException] | None = None
+        async with engine.connect() as conn:
+            await conn.execute(text("insert into closed_mid values (1)"))
+            # What SQLAlchemy's own reconnect tests do: the DBAPI connection closed behind
+            # its back, mid-transaction (asyncpg's adapter then forgets its transaction).
+            await conn.run_sync(lambda c: c.connection.dbapi_connection.close())
+            try:
+                await conn.execute(text("insert into closed_mid values (2)"))
+                await conn.commit()
+            except Exception as exc:
+                raised = type(exc)
+                await conn.rollback()
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text("select id from closed_mid order by id"))).all()
+        return raised, [int(r[0]) for r in rows]
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+def test_a_transaction_closed_mid_way_never_commits_its_second_half(
+    shared_pg: PostgresCluster, driver: str
+) -> None:
+    # The second statement must not be replayed on a new connection as if it began the
+    # transaction: that would commit it without the first.
+    raised, rows = asyncio.run(_closed_mid_transaction(shared_pg.url(driver)))
+    assert rows == [], rows
+    assert raised is not None and issubclass(raised, exc.DBAPIError), raised

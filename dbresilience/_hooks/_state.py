@@ -85,6 +85,9 @@ class EngineResilience:
         self.monitor: Any = None  # the HangMonitor, when hang_threshold is set
         # The exporters' timing recorders by timing (dbresilience._exporters._timings).
         self.recorders: dict[str, tuple[Any, ...]] = {}
+        # DBAPI connections whose SQLAlchemy transaction has begun and run no statement yet
+        # (hooks.statements: only their next statement may be replayed as a first one).
+        self.begun: set[Any] = set()
         # One item per checkout in progress (its length: PoolStats.waiting).
         self.pending: collections.deque[None] = collections.deque()
         # (host, port) -> when it answered a write with 25006 while in recovery: new
@@ -99,6 +102,7 @@ class EngineResilience:
         if self.breaker is not None:
             self.breaker.after_fork_in_child()
         self.cut.clear()
+        self.begun.clear()
         if self.monitor is not None:
             self.monitor.after_fork_in_child()
 

@@ -44,6 +44,8 @@ IDEMPOTENT_OPTION = "dbresilience_idempotent"
 
 _STARTS_TRANSACTION = Position.STARTS_TRANSACTION  # module globals: read on every statement
 _AUTOCOMMIT = Position.AUTOCOMMIT
+_IN_TRANSACTION = Position.IN_TRANSACTION
+_MAX_BEGUN = 10_000
 _monotonic = time.monotonic
 
 
@@ -54,7 +56,8 @@ class StatementGuard:
         self.state = state
 
     def install(self, dialect: Dialect) -> None:
-        """Wrap the dialect's three ``do_execute*`` methods."""
+        """Wrap the dialect's three ``do_execute*`` methods, and ``do_begin``."""
+        self._note_begins(dialect)
         dialect.do_execute = self._guard(  # type: ignore[method-assign]
             dialect.do_execute, "execute", DefaultDialect.do_execute
         )
@@ -73,6 +76,25 @@ class StatementGuard:
 
         dialect.do_execute_no_params = do_execute_no_params  # type: ignore[method-assign]
 
+    def _note_begins(self, dialect: Dialect) -> None:
+        """Remember the DBAPI connections on which SQLAlchemy has just begun a transaction
+        and run no statement yet: only such a statement may be replayed as a transaction's
+        first. (A driver's own view can be wrong: SQLAlchemy's asyncpg adapter forgets its
+        transaction when the app closes the DBAPI connection mid-transaction, and the next
+        statement would look like a first one, the earlier ones lost with the connection.)"""
+        begun = self.state.begun
+        do_begin = dialect.do_begin
+        default = getattr(do_begin, "__func__", None) is DefaultDialect.do_begin  # a no-op
+
+        def begin(dbapi_connection: Any) -> None:
+            if not default:
+                do_begin(dbapi_connection)
+            if len(begun) > _MAX_BEGUN:  # transactions that ran no statement: forget them
+                begun.clear()
+            begun.add(getattr(dbapi_connection, "dbapi_connection", dbapi_connection))
+
+        dialect.do_begin = begin  # type: ignore[method-assign]
+
     def _guard(
         self, original: Callable[..., Any], method: str, default: Callable[..., Any] | None
     ) -> Callable[..., None]:
@@ -89,6 +111,7 @@ class StatementGuard:
         cut = state.cut
         fairy_of = _sqla.fairy_of_context
         limit_of = statement_deadline.get
+        begun = state.begun
 
         def guarded(cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
             if context is None:  # called outside any execution: nothing to replay it with
@@ -96,6 +119,11 @@ class StatementGuard:
             raw = fairy_of(context).dbapi_connection
             # Read *before* executing: afterwards a broken connection reports nothing useful.
             position = position_of(raw)
+            if position is _STARTS_TRANSACTION:
+                if raw in begun:
+                    begun.discard(raw)
+                else:  # not the first statement SQLAlchemy runs in its transaction
+                    position = _IN_TRANSACTION
             if bound:  # the watchdog, armed inline
                 now = _monotonic()
                 until = now + bound
