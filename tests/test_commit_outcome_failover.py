@@ -31,6 +31,7 @@ class Pair:
     standby: PostgresCluster
     to_primary: ChaosProxy  # the app's only way to the primary
     to_standby: ChaosProxy  # the app's way to the standby; refuses until the failover is done
+    replication: ChaosProxy  # the standby's way to the primary
     engine: Engine
     seen: dict[str, object] = field(default_factory=dict)  # what the failover thread read
 
@@ -59,26 +60,27 @@ def pair(dbr_postgresql_factory: Callable[..., PostgresCluster]) -> Iterator[Pai
         "create table filler as select g, repeat('x', 200) p from generate_series(1, 10000) g"
     )
     primary.execute("checkpoint")  # else the base backup's (spread) checkpoint takes seconds
-    standby = dbr_postgresql_factory(standby_of=primary)
-    primary.execute("alter system set synchronous_standby_names = '*'")  # the standby's config
-    primary.execute("select pg_reload_conf()")  # was copied before: it stays without this
-    _wait(
-        "the standby becomes synchronous",
-        lambda: (
-            primary.execute("select count(*) from pg_stat_replication where sync_state = 'sync'")
-            == [(1,)]
-        ),
-    )
+    standby = dbr_postgresql_factory(standby_of=primary, start=False)
     with (
         ChaosProxy(primary.host, primary.port) as to_primary,
         ChaosProxy(standby.host, standby.port) as to_standby,
+        ChaosProxy(primary.host, primary.port) as replication,
     ):
+        with (standby.datadir / "postgresql.auto.conf").open("a") as conf:  # later lines win
+            conf.write(
+                f"primary_conninfo = 'host=127.0.0.1 port={replication.port} user=postgres'\n"
+            )
+        standby.start()
+        primary.execute("alter system set synchronous_standby_names = '*'")  # after the backup:
+        primary.execute("select pg_reload_conf()")  # the standby's own config is without it
+        sql = "select count(*) from pg_stat_replication where sync_state = 'sync'"
+        _wait("the standby becomes synchronous", lambda: primary.execute(sql) == [(1,)])
         url = (
             f"postgresql+psycopg://postgres@/postgres?host=127.0.0.1:{to_primary.port}"
             f"&host=127.0.0.1:{to_standby.port}&target_session_attrs=read-write"
         )
         engine = create_resilient_engine(url, policy=Policy(commit_check_timeout=40.0))
-        yield Pair(primary, standby, to_primary, to_standby, engine)
+        yield Pair(primary, standby, to_primary, to_standby, replication, engine)
         engine.dispose()
 
 
@@ -97,8 +99,7 @@ def _xid(conn: Connection) -> int:
 
 def _replayed_past(pair: Pair, xid: int) -> None:
     """Make the standby's latest restartpoint a checkpoint of the primary taken after ``xid``
-    was assigned (so the promoted standby can prove it replayed past it), then give the
-    standby dirty pages, so that the checkpoint it starts when promoted takes seconds."""
+    was assigned (so the promoted standby can prove it replayed past it), then dirty it."""
     pair.primary.execute("checkpoint")
     _catch_up(pair)
     pair.standby.execute("checkpoint")  # a restartpoint at the primary's checkpoint
@@ -107,6 +108,12 @@ def _replayed_past(pair: Pair, xid: int) -> None:
     epoch, _, low = str(next_xid).partition(":")
     assert tli == 1
     assert (int(epoch) << 32) | int(low) > xid
+    _dirty_standby(pair)
+
+
+def _dirty_standby(pair: Pair) -> None:
+    """Give the standby pages to write, so that the checkpoint it starts when promoted (the
+    end of the proof) is a spread one that takes seconds, not a moment."""
     pair.primary.execute("vacuum freeze filler")  # WAL without an xid; dirties every page
     _catch_up(pair)
 
@@ -120,7 +127,8 @@ def _fail_over(
     checkpoint: bool = False,
 ) -> threading.Thread:
     """In the background: once the primary's backend reached ``until`` ('ended': its
-    transaction is over; 'asked': it answered the resolver's xid query), stop the primary
+    transaction is over; 'asked': it answered the resolver's xid query; 'waits': its COMMIT
+    waits for the synchronous standby), stop the primary
     (``stop`` mode), promote the standby (then ``checkpoint`` it: its first checkpoint on the
     new timeline), note what it says of ``xid``, and only then let the app reach it."""
 
@@ -138,14 +146,26 @@ def _fail_over(
         )
         return rows == [(1,)]
 
+    def waits() -> bool:
+        rows = pair.primary.execute(
+            "select count(*) from pg_stat_activity where wait_event = 'SyncRep'"
+        )
+        return rows == [(1,)]
+
     def run() -> None:
         try:
-            _wait(f"the primary's backend: {until}", ended if until == "ended" else asked)
+            _wait(
+                f"the primary's backend: {until}",
+                {"ended": ended, "asked": asked, "waits": waits}[until],
+            )
             pair.primary.stop(stop)
             pair.standby.promote()
             if checkpoint:
                 pair.standby.execute("checkpoint")
-            status = pair.standby.execute(f"select pg_xact_status('{xid}'::xid8)")
+            status = pair.standby.execute(  # (asking pg_xact_status would raise 22023)
+                f"select case when '{xid}'::xid8 >= pg_snapshot_xmax(pg_current_snapshot()) "
+                f"then 'in the future' else pg_xact_status('{xid}'::xid8) end"
+            )
             pair.seen["status"] = status[0][0]
             pair.seen["checkpoint_timeline"] = pair.standby.execute(
                 "select timeline_id from pg_control_checkpoint()"
@@ -229,6 +249,41 @@ def test_transaction_cut_off_by_the_crash_is_retried_once(pair: Pair) -> None:
     dbresilience.run_transaction(pair.engine, work)
     failover[0].join(_BOUND)
     assert pair.seen == {"status": "aborted", "checkpoint_timeline": 1}
+    assert calls == [1, 1]
+    assert pair.rows() == [1]
+    stats = get_stats(pair.engine)
+    assert (stats.get("commit.aborted"), stats.get("commit.unknown")) == (1, None)
+
+
+@pytest.mark.parametrize(("streamed", "status"), [(True, "aborted"), (False, "in the future")])
+def test_commit_only_the_old_primary_had_is_retried_once(
+    pair: Pair, streamed: bool, status: str
+) -> None:
+    """The link to the standby dies (with, or before, the transaction's first write): the
+    primary writes the commit record, and its COMMIT waits for the synchronous standby when
+    the primary crashes. The promoted standby never had the commit: "aborted" (it had the
+    write, so the xid predates the promotion) or "in the future" (it had nothing of it). Not
+    committed where the work now lives: retried once, there."""
+    calls: list[int] = []
+    failover: list[threading.Thread] = []
+
+    def work(conn: Connection) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            _dirty_standby(pair)
+            if not streamed:
+                pair.replication.blackhole()
+        conn.execute(text("insert into ledger values (1)"))
+        if len(calls) == 1:
+            xid = _xid(conn)
+            if streamed:
+                _catch_up(pair)
+                pair.replication.blackhole()
+            failover.append(_fail_over(pair, xid, until="waits", stop="immediate"))
+
+    dbresilience.run_transaction(pair.engine, work)
+    failover[0].join(_BOUND)
+    assert pair.seen == {"status": status, "checkpoint_timeline": 1}
     assert calls == [1, 1]
     assert pair.rows() == [1]
     stats = get_stats(pair.engine)
