@@ -15,14 +15,21 @@ from typing import Literal
 
 import pytest
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 import dbresilience
-from dbresilience import Policy, create_resilient_engine, get_stats
+from dbresilience import (
+    Policy,
+    create_async_resilient_engine,
+    create_resilient_engine,
+    get_stats,
+)
 from dbresilience.testing import ChaosProxy, PostgresCluster
 from dbresilience.testing._toxics import Latency
 
 _XID_SQL = "select pg_current_xact_id_if_assigned()::text"  # what the resolver asks first
 _BOUND = 60.0  # seconds: any wait of the failover thread (2 cores, other suites running)
+_POLICY = Policy(commit_check_timeout=40.0)
 
 
 @dataclass
@@ -35,8 +42,19 @@ class Pair:
     engine: Engine
     seen: dict[str, object] = field(default_factory=dict)  # what the failover thread read
 
+    def url(self, driver: str) -> str:
+        return _url(self.to_primary, self.to_standby, driver)
+
     def rows(self) -> list[int]:
         return [int(str(r[0])) for r in self.standby.execute("select id from ledger order by id")]
+
+
+def _url(to_primary: ChaosProxy, to_standby: ChaosProxy, driver: str = "psycopg") -> str:
+    """Both servers, through the proxies; connect to the one that accepts writes."""
+    return (
+        f"postgresql+{driver}://postgres@/postgres?host=127.0.0.1:{to_primary.port}"
+        f"&host=127.0.0.1:{to_standby.port}&target_session_attrs=read-write"
+    )
 
 
 def _wait(what: str, done: Callable[[], bool]) -> None:
@@ -75,11 +93,7 @@ def pair(dbr_postgresql_factory: Callable[..., PostgresCluster]) -> Iterator[Pai
         primary.execute("select pg_reload_conf()")  # the standby's own config is without it
         sql = "select count(*) from pg_stat_replication where sync_state = 'sync'"
         _wait("the standby becomes synchronous", lambda: primary.execute(sql) == [(1,)])
-        url = (
-            f"postgresql+psycopg://postgres@/postgres?host=127.0.0.1:{to_primary.port}"
-            f"&host=127.0.0.1:{to_standby.port}&target_session_attrs=read-write"
-        )
-        engine = create_resilient_engine(url, policy=Policy(commit_check_timeout=40.0))
+        engine = create_resilient_engine(_url(to_primary, to_standby), policy=_POLICY)
         yield Pair(primary, standby, to_primary, to_standby, replication, engine)
         engine.dispose()
 
@@ -318,3 +332,36 @@ def test_commit_without_proof_is_unknown(pair: Pair, proof: str) -> None:
     assert pair.rows() == [1]
     stats = get_stats(pair.engine)
     assert (stats.get("commit.unknown"), stats.get("commit.committed")) == (1, None)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("committed", [True, False])
+async def test_asyncpg_commit_outcome_on_the_promoted_standby(pair: Pair, committed: bool) -> None:
+    """The same resolution inside SQLAlchemy's greenlet, with asyncpg: a replicated commit is
+    not run again, one that failed on the server is retried once on the promoted standby."""
+    engine = create_async_resilient_engine(pair.url("asyncpg"), policy=_POLICY)
+    calls: list[int] = []
+    failover: list[threading.Thread] = []
+
+    async def work(conn: AsyncConnection) -> None:
+        calls.append(1)
+        await conn.execute(text("insert into ledger values (1)"))
+        if len(calls) == 1:
+            if not committed:  # the deferred foreign key fails at COMMIT
+                await conn.execute(text("insert into child values (1, 999)"))
+            xid = int((await conn.execute(text("select pg_current_xact_id()::text"))).scalar_one())
+            _replayed_past(pair, xid)  # blocking, in the event loop: nothing else runs
+            failover.append(_fail_over(pair, xid, until="ended"))
+            pair.to_primary.close_after(match=b"COMMIT")
+
+    try:
+        await dbresilience.run_async_transaction(engine, work)
+        stats = get_stats(engine)
+    finally:
+        await engine.dispose()
+    failover[0].join(_BOUND)
+    status = "committed" if committed else "aborted"
+    assert pair.seen == {"status": status, "checkpoint_timeline": 1}
+    assert calls == ([1] if committed else [1, 1])
+    assert pair.rows() == [1]
+    assert (stats.get(f"commit.{status}"), stats.get("commit.unknown")) == (1, None)
