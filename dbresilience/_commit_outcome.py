@@ -19,7 +19,39 @@ happens, cancellation included.
 Transaction ids are not unique across a failover (a promoted standby reuses xids the old
 primary handed out but never streamed), so each connection's server identity - its
 ``system_identifier`` and current timeline - is recorded when it connects, and the answer is
-trusted only from a server with the same identity.
+trusted from a server with the same identity, or from a promoted server that proves it
+replayed our timeline:
+
+Across a failover. Let ``T`` be our timeline and ``X`` our xid, and let the checking
+connection reach a server of the same ``system_identifier`` on another timeline whose latest
+checkpoint (``pg_control_checkpoint()``, readable by any role) is on ``T``. That checkpoint is
+one this server replayed or started its recovery from (a restartpoint keeps the replayed
+checkpoint record's timeline and next xid), so ``T`` is in its history and ``L``, the
+checkpoint's ``next_xid``, is at most ``N``, its next xid when recovery ended: replaying an
+online checkpoint raises the counter to the record's ``next_xid``, and replaying any record
+raises it past the record's xid. Every xid this server (or a server promoted after it) hands
+out is at least ``N``. Hence:
+
+- ``X < L``: ``X`` was never handed out again in this history, so its status is our
+  transaction's: ``committed`` means our commit record was replayed (the work is in the new
+  history, do not run it again); ``aborted`` means it was not (an abort record, or neither:
+  a transaction that is neither committed nor running is reported aborted, and ours cannot be
+  running there);
+- ``X >= L``: ``committed`` may be another transaction's that got ``X`` after the promotion:
+  unknown. ``aborted`` and "in the future" still say that our commit record is not in this
+  history: a record with xid ``X`` that was replayed would have raised ``N`` past ``X``, so
+  ``X``'s status here can only be a new transaction's (``in progress`` too: ask again).
+
+"Not committed" means not committed in the history of the server that now answers: a commit
+that reached only the old primary is lost with it, and running the work again is what the
+caller wants. The promoted server runs a checkpoint on its new timeline soon after promotion
+(a spread one: seconds when the standby had pages to write, at once when it had none); from
+then on nothing proves ``T`` is in its history and the outcome is unknown, as it is on any
+server whose latest checkpoint is on another timeline (a standby of another branch, a
+second promotion). Timeline ids are assumed to name one history (one promotion at a time, or
+a shared WAL archive), as the identity check assumes already; and as on a same-timeline
+restart, the old primary is assumed not to have crashed, restarted and handed ``X`` out again
+between the lost COMMIT and the failover (the answer would then be another transaction's).
 """
 
 from __future__ import annotations
@@ -51,13 +83,15 @@ __all__ = [
 # (checkpoint times are whole seconds), that checkpoint's next xid: every xid below it was
 # handed out before the start (a clean shutdown's checkpoint, or crash recovery's own when it
 # ended within the same second), so no transaction since reused one of them.
+# And the latest checkpoint's timeline and next xid, whatever its time: after a failover they
+# may prove that the promoted server replayed our timeline (see the module docstring).
 _FACTS_SQL = (
     "select pg_is_in_recovery(), system_identifier::text, case when pg_is_in_recovery() "
     "then null else pg_walfile_name(pg_current_wal_lsn()) end, "
     "current_setting('server_version_num')::int, "
     "extract(epoch from pg_postmaster_start_time())::float8, "
     "case when c.checkpoint_time <= pg_postmaster_start_time() then c.next_xid end, "
-    "pg_backend_pid() "
+    "pg_backend_pid(), c.timeline_id, c.next_xid "
     "from pg_control_system(), pg_control_checkpoint() c"
 )
 # The transaction id before COMMIT, and its status later: the xid8 functions of PostgreSQL 13+,
@@ -141,18 +175,34 @@ class _Facts(NamedTuple):
     reused_from: int | None  # xids from this one up may have been handed out again (None: any)
     server_pid: int  # the backend's own pid (a pooler in between reports another one)
     system_identifier: str  # the cluster's, standbys included
+    checkpoint_timeline: int  # the latest checkpoint's (a standby's: its latest restartpoint's)
+    checkpoint_next_xid: int  # and its next xid
+
+
+def _full_xid(next_xid: object) -> int:
+    """A checkpoint's ``next_xid`` ("epoch:xid") as a full 64-bit xid (xid8, txid)."""
+    epoch, _, xid = str(next_xid).partition(":")
+    return (int(epoch) << 32) | int(xid)
 
 
 def _facts(dbapi_conn: Any) -> _Facts:
-    in_recovery, sysid, walfile, version, started, next_xid, pid = _row(dbapi_conn, _FACTS_SQL)
+    in_recovery, sysid, walfile, version, started, next_xid, pid, ckpt_tli, ckpt_next = _row(
+        dbapi_conn, _FACTS_SQL
+    )
     identity = None
     if walfile is not None:  # WAL file names start with the timeline, in hex
         identity = (str(sysid), int(str(walfile)[:8], 16), int(version))
-    reused_from = None
-    if next_xid is not None:  # "epoch:xid", as a full 64-bit xid (xid8, txid)
-        epoch, _, xid = str(next_xid).partition(":")
-        reused_from = (int(epoch) << 32) | int(xid)
-    return _Facts(bool(in_recovery), identity, float(started), reused_from, int(pid), str(sysid))
+    reused_from = None if next_xid is None else _full_xid(next_xid)
+    return _Facts(
+        bool(in_recovery),
+        identity,
+        float(started),
+        reused_from,
+        int(pid),
+        str(sysid),
+        int(ckpt_tli),
+        _full_xid(ckpt_next),
+    )
 
 
 def _sql_for(identity: Identity) -> tuple[str, str]:
@@ -251,7 +301,9 @@ class CommitResolver:
         # After crash recovery an xid that never reached the disk is handed out again: then
         # "committed" may be another transaction's, unless the xid provably predates the
         # restart (see _FACTS_SQL). A crash loses our transaction if anything of it was lost,
-        # so "aborted" and "in the future" still mean that it did not commit.
+        # so "aborted" and "in the future" still mean that it did not commit. After a failover
+        # likewise, on a promoted server that proves it replayed our timeline (module
+        # docstring).
         restarted = untrusted = False
         owner = self._owner
         deadline = time.monotonic() + owner.policy.commit_check_timeout
@@ -270,14 +322,10 @@ class CommitResolver:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             return CommitOutcome.UNKNOWN
-                        reused_from = self._query(
-                            conn, remaining, _restart_of, (identity, started)
-                        )
-                        if reused_from is not _SAME_RUN:
+                        below = self._query(conn, remaining, _trust_of, (identity, started))
+                        if below is not _SAME_RUN:
                             restarted = True
-                            untrusted = untrusted or reused_from is None or (
-                                int(xid) >= reused_from
-                            )
+                            untrusted = untrusted or below is None or int(xid) >= below
                     status = self._query(
                         conn, deadline - time.monotonic(), _status, (_sql_for(identity)[1], xid)
                     )
@@ -332,19 +380,29 @@ class CommitResolver:
 _SAME_RUN: Any = object()
 
 
-def _restart_of(conn: Any, known: tuple[Identity, float]) -> Any:
-    """Whether the server on ``conn`` restarted since ``known`` (identity, start) was read:
-    :data:`_SAME_RUN` if not, else the xid from which xids may have been reused (``None``: any);
-    :class:`_NotSameServer` when it is another server (another cluster, or a new timeline)."""
+def _trust_of(conn: Any, known: tuple[Identity, float]) -> Any:
+    """How far the server on ``conn`` can answer for an xid assigned by the server of
+    ``known`` (identity, start): :data:`_SAME_RUN` if it is that server, not restarted; else
+    the xid from which "committed" may be another transaction's (``None``: any), for the same
+    server restarted or a promoted server whose latest checkpoint is on our timeline (see the
+    module docstring); :class:`_NotSameServer` for any other server."""
     identity, started = known
     facts = _facts(conn)
     with contextlib.suppress(Exception):
         conn.rollback()
-    if facts.identity != identity:
-        raise _NotSameServer
-    if abs(facts.started - started) < 1e-3:
-        return _SAME_RUN
-    return facts.reused_from
+    if facts.identity == identity:
+        if abs(facts.started - started) < 1e-3:
+            return _SAME_RUN
+        return facts.reused_from
+    if (
+        facts.identity is not None
+        and facts.identity[0] == identity[0]  # the same cluster
+        and facts.identity[2] // 10000 == identity[2] // 10000  # replication: same major
+        and facts.identity[1] > identity[1]
+        and facts.checkpoint_timeline == identity[1]
+    ):
+        return facts.checkpoint_next_xid
+    raise _NotSameServer
 
 
 def _status(conn: Any, query: tuple[str, str]) -> str | None:
