@@ -109,6 +109,26 @@ def _open_up(path: Path) -> None:
                 p.chmod(mode | 0o005)
 
 
+_WAL_PAGE = 8192  # XLOG_BLCKSZ
+_WAL_SEGMENT = 16 * 1024 * 1024  # the default wal_segment_size
+_SHORT_PAGE_HEADER = 24  # SizeOfXLogShortPHD
+_LONG_PAGE_HEADER = 40  # SizeOfXLogLongPHD, at the start of a segment
+
+
+def _last_record_end(insert_lsn: str) -> str:
+    """Where the last WAL record ended, given ``pg_current_wal_insert_lsn()``: on an idle
+    server whose last record filled its page, the insert position already points past the
+    next page's header, which a standby's replay position only reaches with the next record
+    (waiting for it cost seconds, until some background record came)."""
+    high, low = (int(part, 16) for part in insert_lsn.split("/"))
+    lsn = (high << 32) | low
+    if lsn % _WAL_SEGMENT == _LONG_PAGE_HEADER:
+        lsn -= _LONG_PAGE_HEADER
+    elif lsn % _WAL_PAGE == _SHORT_PAGE_HEADER:
+        lsn -= _SHORT_PAGE_HEADER
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
 class PostgresCluster:
     """One real PostgreSQL server in a temporary directory.
 
@@ -303,7 +323,7 @@ class PostgresCluster:
     def wait_for_replay(self, primary: PostgresCluster, *, timeout: float = 30.0) -> None:
         """Wait until this standby has replayed everything ``primary`` had written when called
         (its current WAL position); :class:`TimeoutError` after ``timeout`` seconds."""
-        lsn = str(primary.execute("select pg_current_wal_insert_lsn()")[0][0])
+        lsn = _last_record_end(str(primary.execute("select pg_current_wal_insert_lsn()")[0][0]))
         deadline = time.monotonic() + timeout
         while True:
             rows = self.execute(f"select pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn")
