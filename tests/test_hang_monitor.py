@@ -269,6 +269,7 @@ def test_slow_query_and_lock_wait_are_never_cut(pg: PostgresCluster) -> None:
 HEAVY = text("select sum(i::bigint * i) from generate_series(1, 3000000) i")
 
 
+@pytest.mark.slow  # 30 s: the full suite runs it, the other CI legs do not
 def test_saturated_server_aborts_no_healthy_connection(pg: PostgresCluster) -> None:
     engine = create_resilient_engine(pg.url(), pool_size=8)
     stop = threading.Event()
