@@ -35,7 +35,7 @@ def _summary(script: str, *args: str) -> dict[str, Any]:
         ("bench_async_checkout.py", {"pre_ping", "resilient"}),
         (
             "bench_instrumentation.py",
-            {"otel_api_only", "otel_sdk", "prometheus", "both", "plain"},
+            {"otel_api_only", "otel_sdk", "otel_sdk_ops", "otel_sdk_none", "prometheus", "plain"},
         ),
     ],
 )

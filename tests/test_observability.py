@@ -432,3 +432,36 @@ def test_engine_stats_reads_like_the_old_counters_dict() -> None:
     assert stats.get("replay.statement") is None and stats.get("replay.statement", 7) == 7
     assert sorted(stats) == ["retry.connect", "retry.connect.unavailable"]
     assert stats.retries.connect == 2 and stats.replays == 0
+
+
+def test_opentelemetry_timings_can_be_chosen(shared_pg: PostgresCluster) -> None:
+    engine = create_resilient_engine(shared_pg.url())
+    with engine.connect():  # the dialect's first queries: before the exporter
+        pass
+    with pytest.raises(ValueError, match="timings: unknown"):
+        dbresilience.instrument_opentelemetry(engine, timings=("wait", "latency"))
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    otel = dbresilience.instrument_opentelemetry(
+        engine, meter_provider=provider, timings=("operation",)
+    )
+    try:
+        for _ in range(3):
+            with engine.connect() as conn:
+                conn.execute(text("select 1"))
+        data = reader.get_metrics_data()
+        assert data is not None
+        counts = {
+            m.name: sum(getattr(p, "count", 0) for p in m.data.data_points)
+            for r in data.resource_metrics
+            for s in r.scope_metrics
+            for m in s.metrics
+        }
+        assert counts["db.client.operation.duration"] == 3
+        assert counts.get("db.client.connection.wait_time", 0) == 0
+        assert counts.get("db.client.connection.use_time", 0) == 0
+        assert "db.client.connection.count" in counts  # read at collection, always there
+    finally:
+        otel.close()
+        provider.shutdown()
+        engine.dispose()

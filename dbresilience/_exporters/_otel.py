@@ -36,7 +36,7 @@ under ``dbresilience.``: ``retries`` (``dbresilience.retry.what``, ``dbresilienc
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from opentelemetry import metrics
@@ -49,6 +49,9 @@ from dbresilience._exporters._timings import attach, detach
 from dbresilience._stats import EngineStats
 
 __all__ = ["OpenTelemetryMetrics", "instrument_opentelemetry"]
+
+#: Every timing an engine can export (see :func:`instrument_opentelemetry`).
+ALL_TIMINGS = ("wait", "use", "create", "operation")
 
 # The semantic conventions' advice for db.client.operation.duration (seconds).
 _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
@@ -71,9 +74,10 @@ class OpenTelemetryMetrics:
     """The instruments of one engine (returned by :func:`instrument_opentelemetry`);
     :meth:`close` stops recording its timings."""
 
-    timings: tuple[str, ...] = ("wait", "use", "create", "operation")
-
-    def __init__(self, engine: Any, meter: metrics.Meter, name: str) -> None:
+    def __init__(
+        self, engine: Any, meter: metrics.Meter, name: str, timings: tuple[str, ...] = ALL_TIMINGS
+    ) -> None:
+        self.timings = timings
         sync_engine = _sync_engine(engine)
         self._state = resilience_of(sync_engine)
         self._engine = weakref.ref(sync_engine)
@@ -247,6 +251,7 @@ def instrument_opentelemetry(
     *,
     meter_provider: metrics.MeterProvider | None = None,
     pool_name: str | None = None,
+    timings: Collection[str] = ALL_TIMINGS,
 ) -> OpenTelemetryMetrics:
     """Export ``engine``'s metrics through OpenTelemetry (``opentelemetry-api``; the
     application configures the SDK and its exporter).
@@ -255,12 +260,22 @@ def instrument_opentelemetry(
     :param meter_provider: default: the global one (``metrics.get_meter_provider()``).
     :param pool_name: ``db.client.connection.pool.name``; default
         ``server.address:server.port/db.namespace`` from the URL (no user, no password).
+    :param timings: the histograms recorded per operation: ``"wait"``
+        (``db.client.connection.wait_time``), ``"use"`` (``.use_time``), ``"create"``
+        (``.create_time``), ``"operation"`` (``db.client.operation.duration``); default all.
+        Each costs one SDK ``record()`` per checkout or statement (several microseconds: see
+        ``benchmarks/bench_instrumentation.py``); the other instruments are read when the
+        reader collects and cost nothing per operation.
     """
+    chosen = tuple(timings)
+    unknown = set(chosen) - set(ALL_TIMINGS)
+    if unknown:
+        raise ValueError(f"timings: unknown {sorted(unknown)}; choose from {list(ALL_TIMINGS)}")
     sync_engine = _sync_engine(engine)
     resilience_of(sync_engine)  # ConfigurationError for a plain engine
     from dbresilience import __name__ as package
 
     meter = metrics.get_meter(package, meter_provider=meter_provider)
     return OpenTelemetryMetrics(
-        sync_engine, meter, pool_name or default_pool_name(sync_engine)
+        sync_engine, meter, pool_name or default_pool_name(sync_engine), chosen
     )
