@@ -103,6 +103,22 @@ def test_execution_context_internals(shared_pg: PostgresCluster) -> None:
     engine.dispose()
 
 
+def test_wrap_do_return_conn(shared_pg: PostgresCluster) -> None:
+    pool = _pool(shared_pg, [])
+    returned: list[ConnectionPoolEntry] = []
+
+    def wrapper(put: Any, record: ConnectionPoolEntry) -> None:
+        returned.append(record)
+        put(record)
+
+    _sqla.wrap_do_return_conn(pool, wrapper)
+    proxy = pool.connect()
+    record = proxy._connection_record  # type: ignore[attr-defined]
+    proxy.close()
+    assert returned == [record] and pool.checkedin() == 1
+    pool.dispose()
+
+
 def test_max_overflow() -> None:
     assert _sqla.max_overflow(QueuePool(lambda: None, pool_size=2, max_overflow=7)) == 7
     assert _sqla.max_overflow(QueuePool(lambda: None, pool_size=2, max_overflow=-1)) == -1

@@ -1,7 +1,7 @@
 """Timings of connections and statements, measured only on engines that export them.
 
 :func:`attach` adds a :class:`Recorder` to an engine. The first one installs the timing
-wrappers - around the pool's ``_do_get`` (wait), its ``checkin`` event (use), the pool's
+wrappers - around the pool's ``_do_get`` (wait) and ``_do_return_conn`` (use), the pool's
 creator (create, measured by the connect hook) and the dialect's ``do_execute*`` (operation
 duration, replays included) - so an engine nobody exports pays nothing for them.
 """
@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
@@ -48,17 +47,23 @@ class Recorder(Protocol):
 
 def attach(state: EngineResilience, engine: Engine, recorder: Recorder) -> None:
     """Send ``engine``'s timings to ``recorder`` too: those it names in its ``timings``
-    (``"wait"``, ``"use"``, ``"create"``, ``"operation"``; a wrapper is installed for each
-    the first time a recorder wants it)."""
+    (``"wait"``, ``"use"``, ``"create"``, ``"operation"``; the wrappers a timing needs are
+    installed the first time a recorder wants it)."""
     wanted = set(recorder.timings)
     unknown = wanted - set(_KINDS)
     if unknown:
         raise ValueError(f"unknown timings {sorted(unknown)}: choose from {list(_KINDS)}")
     timers: dict[str, tuple[Recorder, ...]] = dict(state.recorders or {})
+    new = wanted - set(timers)
+    if new & {"wait", "use"} and not set(timers) & {"wait", "use"}:
+        _time_pool(state, engine.pool)  # the checkout: its wait, and the use's start
+    if "use" in new:
+        _time_returns(state, engine.pool)
+    if "operation" in new:
+        _time_statements(state, engine)
+    # ("create" is measured by the connect hook, dbresilience._hooks.connect, when wanted.)
     for kind in _KINDS:
         if kind in wanted:
-            if kind not in timers:
-                _INSTALL[kind](state, engine)
             timers[kind] = (*timers.get(kind, ()), recorder)
     state.recorders = timers
 
@@ -67,11 +72,6 @@ def detach(state: EngineResilience, recorder: Recorder) -> None:
     """Stop sending timings to ``recorder`` (the wrappers stay, calling nobody)."""
     timers: dict[str, tuple[Recorder, ...]] = dict(state.recorders or {})
     state.recorders = {k: tuple(r for r in v if r is not recorder) for k, v in timers.items()}
-
-
-def _time_waits(state: EngineResilience, engine: Engine) -> None:
-    if "use" not in state.recorders:  # else the checkout wrapper is in place already
-        _time_pool(state, engine.pool)
 
 
 def _time_pool(state: EngineResilience, pool: Pool) -> None:
@@ -95,23 +95,21 @@ def _time_pool(state: EngineResilience, pool: Pool) -> None:
     _sqla.on_recreate(pool, lambda new: _time_pool(state, new))
 
 
-def _time_uses(state: EngineResilience, engine: Engine) -> None:
-    if "wait" not in state.recorders:
-        _time_pool(state, engine.pool)
+def _time_returns(state: EngineResilience, pool: Pool) -> None:
+    """Wrap the pool's ``_do_return_conn`` (not a ``checkin`` listener: SQLAlchemy's event
+    dispatch would cost as much as the measurement)."""
 
-    def checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    def returned(put: Callable[[ConnectionPoolEntry], None], record: ConnectionPoolEntry) -> None:
         info: dict[Any, Any] | None = record.record_info
         started = None if info is None else info.pop(_CHECKED_OUT_AT, None)
         if started is not None:
             used = _monotonic() - started
             for recorder in state.recorders["use"]:
                 recorder.connection_used(used)
+        put(record)
 
-    event.listen(engine.pool, "checkin", checkin)  # recreate() hands it on to the new pool
-
-
-def _time_creates(state: EngineResilience, engine: Engine) -> None:
-    return None  # measured by the connect hook (dbresilience._hooks.connect), when wanted
+    _sqla.wrap_do_return_conn(pool, returned)
+    _sqla.on_recreate(pool, lambda new: _time_returns(state, new))
 
 
 def _time_statements(state: EngineResilience, engine: Engine) -> None:
@@ -142,9 +140,3 @@ def _time_statements(state: EngineResilience, engine: Engine) -> None:
 
 
 _KINDS = ("wait", "use", "create", "operation")
-_INSTALL: dict[str, Callable[[EngineResilience, Engine], None]] = {
-    "wait": _time_waits,
-    "use": _time_uses,
-    "create": _time_creates,
-    "operation": _time_statements,
-}
