@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _support import SCRAM_ROLE, SCRAM_SECRET, scram_cluster
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry, generate_latest
@@ -40,7 +41,6 @@ from dbresilience import (
     remove_event_hook,
 )
 from dbresilience.testing import PostgresCluster
-from tests._support import SCRAM_ROLE, SCRAM_SECRET, scram_cluster
 
 APP = "observed"
 
