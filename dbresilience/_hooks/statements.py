@@ -119,11 +119,13 @@ class StatementGuard:
             raw = fairy_of(context).dbapi_connection
             # Read *before* executing: afterwards a broken connection reports nothing useful.
             position = position_of(raw)
-            if position is _STARTS_TRANSACTION:
-                if raw in begun:
-                    begun.discard(raw)
-                else:  # not the first statement SQLAlchemy runs in its transaction
-                    position = _IN_TRANSACTION
+            # Every statement consumes the mark, whatever the driver says: a "begin"
+            # listener's statement runs before do_begin, and the app's first one then looks
+            # like a later one; a mark left behind would pass a later statement as a first.
+            if raw in begun:
+                begun.discard(raw)
+            elif position is _STARTS_TRANSACTION:  # not the first statement of its transaction
+                position = _IN_TRANSACTION
             if bound:  # the watchdog, armed inline
                 now = _monotonic()
                 until = now + bound
