@@ -15,7 +15,8 @@ _KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORE
 def mask_url(url: URL | str) -> str:
     """``url`` as text with the password replaced by ``***``."""
     if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
+        # render_as_string() masks user:password only, not a ?password= in the query.
+        return redact(url.render_as_string(hide_password=True))
     return redact(url)
 
 

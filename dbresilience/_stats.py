@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
+
+from sqlalchemy.pool import AssertionPool, QueuePool, StaticPool
 
 from dbresilience import _sqla
 
 __all__ = ["CommitCounts", "EngineStats", "PoolStats", "RetryCounts", "pool_stats"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +26,8 @@ class PoolStats:
     """The pool's state when the snapshot was taken (``QueuePool``; zeros for other pools).
 
     :ivar size: configured ``pool_size``: connections kept open when idle.
-    :ivar max: most connections open at once (``pool_size + max_overflow``; -1: no limit).
+    :ivar max: most connections open at once (``pool_size + max_overflow``; 1 for
+        ``StaticPool``; -1: no limit, e.g. ``NullPool``).
     :ivar idle: open connections waiting in the pool.
     :ivar checked_out: connections in use.
     :ivar overflow: connections open beyond ``size``.
@@ -60,9 +65,10 @@ class CommitCounts:
     read_only: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    """What one resilient engine did, and its pool's state.
+@dataclass(frozen=True, slots=True, eq=False)
+class EngineStats(Mapping[str, int]):
+    """What one resilient engine did, and its pool's state; also a read-only mapping of the
+    raw counters (as ``get_stats()`` returned before: ``dict(stats)``, ``stats.items()``...).
 
     :ivar engine: the engine's URL, password masked.
     :ivar pool: the pool's state.
@@ -108,15 +114,19 @@ class EngineStats:
         return key in self.counters
 
     def __iter__(self) -> Iterator[str]:
-        """The raw counters' keys (without it, ``in`` and iteration would call
-        ``__getitem__`` with 0, 1, 2... for ever)."""
+        """The raw counters' keys."""
         return iter(self.counters)
 
+    def __len__(self) -> int:
+        return len(self.counters)
+
     @overload
-    def get(self, key: str) -> int | None: ...
+    def get(self, key: str, /) -> int | None: ...
     @overload
-    def get(self, key: str, default: int) -> int: ...
-    def get(self, key: str, default: int | None = None) -> int | None:
+    def get(self, key: str, default: int, /) -> int: ...
+    @overload
+    def get(self, key: str, default: _T, /) -> int | _T: ...
+    def get(self, key: str, default: object = None, /) -> object:
         """The raw counter ``key``, or ``default`` if never seen."""
         return self.counters.get(key, default)
 
@@ -174,10 +184,16 @@ def pool_stats(pool: Any, *, waiting: int = 0, timeouts: int = 0) -> PoolStats:
         return max(0, value) if isinstance(value, int) else 0
 
     size = count("size")
-    max_overflow = _sqla.max_overflow(pool)
+    if isinstance(pool, QueuePool):
+        max_overflow = _sqla.max_overflow(pool)
+        most = -1 if max_overflow < 0 else size + max_overflow
+    elif isinstance(pool, (StaticPool, AssertionPool)):
+        most = 1  # one connection, shared or asserted
+    else:
+        most = -1  # NullPool, SingletonThreadPool: no limit the pool enforces
     return PoolStats(
         size=size,
-        max=-1 if max_overflow < 0 else size + max_overflow,
+        max=most,
         idle=count("checkedin"),
         checked_out=count("checkedout"),
         overflow=count("overflow"),
