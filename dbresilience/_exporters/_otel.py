@@ -35,8 +35,9 @@ under ``dbresilience.``: ``retries`` (``dbresilience.retry.what``, ``dbresilienc
 
 from __future__ import annotations
 
+import threading
 import weakref
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 from opentelemetry import metrics
@@ -70,51 +71,35 @@ def _histogram(meter: metrics.Meter, name: str, description: str) -> metrics.His
         return meter.create_histogram(name, unit="s", description=description)
 
 
-class OpenTelemetryMetrics:
-    """The instruments of one engine (returned by :func:`instrument_opentelemetry`);
-    :meth:`close` stops recording its timings."""
+class _Shared:
+    """The instruments of one meter, made once and shared by every engine exported through it
+    (the SDK hands back an instrument of the same name without its new callbacks: a second
+    engine's observable instruments would report nothing)."""
 
-    def __init__(
-        self, engine: Any, meter: metrics.Meter, name: str, timings: tuple[str, ...] = ALL_TIMINGS
-    ) -> None:
-        self.timings = timings
-        sync_engine = _sync_engine(engine)
-        self._state = resilience_of(sync_engine)
-        self._engine = weakref.ref(sync_engine)
-        url = sync_engine.url
-        pool = {"db.client.connection.pool.name": name}
-        self._pool = pool
-        self._idle = {**pool, "db.client.connection.state": "idle"}
-        self._used = {**pool, "db.client.connection.state": "used"}
-        operation: dict[str, Any] = {"db.system.name": "postgresql"}
-        if url.database:
-            operation["db.namespace"] = url.database
-        address, _, port = name.partition("/")[0].rpartition(":")
-        operation["server.address"] = address
-        if port.isdigit():
-            operation["server.port"] = int(port)
-        self._operation = operation
-        self._create = _histogram(
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.engines: list[OpenTelemetryMetrics] = []
+        self._lock = threading.Lock()
+        self.create = _histogram(
             meter,
             "db.client.connection.create_time",
             "The time it took to create a new connection",
         )
-        self._wait = _histogram(
+        self.wait = _histogram(
             meter,
             "db.client.connection.wait_time",
             "The time it took to obtain an open connection from the pool",
         )
-        self._use = _histogram(
+        self.use = _histogram(
             meter,
             "db.client.connection.use_time",
             "The time between borrowing a connection and returning it to the pool",
         )
-        self._duration = _histogram(
+        self.duration = _histogram(
             meter, "db.client.operation.duration", "Duration of database client operations"
         )
         meter.create_observable_up_down_counter(
             "db.client.connection.count",
-            [self._count],
+            [self._observe(lambda e, s: e.counts(s))],
             unit="{connection}",
             description="The number of connections that are currently in the state described "
             "by the state attribute",
@@ -126,124 +111,184 @@ class OpenTelemetryMetrics:
             ("pending_requests", lambda s: s.pool.waiting),
         ):
             meter.create_observable_up_down_counter(
-                f"db.client.connection.{suffix}", [self._pool_gauge(read)], unit="{connection}"
+                f"db.client.connection.{suffix}",
+                [self._observe(_per_pool(read))],
+                unit="{connection}",
             )
         meter.create_observable_counter(
             "db.client.connection.timeouts",
-            [self._pool_gauge(lambda s: s.pool.timeouts)],
+            [self._observe(_per_pool(lambda s: s.pool.timeouts))],
             unit="{timeout}",
             description="The number of connection timeouts that have occurred trying to "
             "obtain a connection from the pool",
         )
-        self._own_counters(meter)
-        attach(self._state, sync_engine, self)
+        counters = {
+            "dbresilience.retries": _retries,
+            "dbresilience.replays": _per_pool(lambda s: s.replays),
+            "dbresilience.disconnects": _per_pool(lambda s: s.disconnects),
+            "dbresilience.invalidations": _by_prefix("invalidated.", "dbresilience.scope"),
+            "dbresilience.connect.failures": _per_pool(lambda s: s.connect_failures),
+            "dbresilience.commit.outcomes": _by_prefix(
+                "commit.", "dbresilience.commit.outcome"
+            ),
+            "dbresilience.breaker.opened": _per_pool(lambda s: s.breaker_opened),
+            "dbresilience.hang.aborts": _by_prefix("hang.aborted.", "dbresilience.reason"),
+            "dbresilience.statement.timeouts": _per_pool(lambda s: s.statement_timeouts),
+        }
+        for name, reading in counters.items():
+            meter.create_observable_counter(name, [self._observe(reading)])
+        meter.create_observable_gauge(
+            "dbresilience.breaker.state",
+            [self._observe(_breaker)],
+            description="0 closed, 1 half-open, 2 open",
+        )
+
+    def add(self, engine: OpenTelemetryMetrics) -> None:
+        with self._lock:
+            self.engines.append(engine)
+
+    def remove(self, engine: OpenTelemetryMetrics) -> None:
+        with self._lock:
+            if engine in self.engines:
+                self.engines.remove(engine)
+
+    def _observe(self, read: Reading) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            found: list[Observation] = []
+            with self._lock:
+                engines = list(self.engines)
+            for engine in engines:
+                stats = engine.stats()
+                if stats is None:  # the engine is gone
+                    self.remove(engine)
+                    continue
+                found.extend(read(engine, stats))
+            return found
+
+        return callback
+
+
+Reading = Callable[["OpenTelemetryMetrics", EngineStats], Sequence[Observation]]
+
+
+def _per_pool(read: Callable[[EngineStats], float | None]) -> Reading:
+    def observe(engine: OpenTelemetryMetrics, stats: EngineStats) -> Sequence[Observation]:
+        value = read(stats)
+        return [] if value is None else [Observation(value, engine.pool)]
+
+    return observe
+
+
+def _by_prefix(prefix: str, label: str) -> Reading:
+    def observe(engine: OpenTelemetryMetrics, stats: EngineStats) -> Sequence[Observation]:
+        return [
+            Observation(n, {**engine.pool, label: key[len(prefix) :]})
+            for key, n in stats.counters.items()
+            if key.startswith(prefix) and "." not in key[len(prefix) :]
+        ]
+
+    return observe
+
+
+def _retries(engine: OpenTelemetryMetrics, stats: EngineStats) -> Sequence[Observation]:
+    found = []
+    for key, n in stats.counters.items():
+        parts = key.split(".")
+        if parts[0] == "retry" and len(parts) == 3:
+            labels = {**engine.pool, "dbresilience.retry.what": parts[1]}
+            found.append(Observation(n, {**labels, "dbresilience.cause": parts[2]}))
+    return found
+
+
+def _breaker(engine: OpenTelemetryMetrics, stats: EngineStats) -> Sequence[Observation]:
+    if stats.breaker is None:
+        return []
+    return [Observation(_BREAKER_LEVELS[stats.breaker], engine.pool)]
+
+
+_shared: weakref.WeakKeyDictionary[Any, _Shared] = weakref.WeakKeyDictionary()
+_shared_lock = threading.Lock()
+
+
+def _shared_of(meter: metrics.Meter) -> _Shared:
+    with _shared_lock:
+        shared = _shared.get(meter)
+        if shared is None:
+            shared = _shared[meter] = _Shared(meter)
+        return shared
+
+
+class OpenTelemetryMetrics:
+    """One engine's part of the instruments (returned by :func:`instrument_opentelemetry`);
+    :meth:`close` stops exporting it."""
+
+    def __init__(
+        self,
+        engine: Any,
+        meter: metrics.Meter,
+        name: str,
+        timings: tuple[str, ...] = ALL_TIMINGS,
+    ) -> None:
+        self.timings = timings
+        # The state, not the engine given: an execution_options() engine is a short-lived
+        # proxy of the one the state belongs to.
+        self._state = resilience_of(engine)
+        root = self._state.engine_ref()
+        assert root is not None
+        url = root.url
+        self.pool = {"db.client.connection.pool.name": name}
+        self.idle = {**self.pool, "db.client.connection.state": "idle"}
+        self.used = {**self.pool, "db.client.connection.state": "used"}
+        operation: dict[str, Any] = {"db.system.name": "postgresql"}
+        if url.database:
+            operation["db.namespace"] = url.database
+        address, _, port = default_pool_name(root).partition("/")[0].rpartition(":")
+        operation["server.address"] = address
+        if port.isdigit():
+            operation["server.port"] = int(port)
+        self._operation = operation
+        self._shared = _shared_of(meter)
+        self._shared.add(self)
+        attach(self._state, root, self)
 
     def close(self) -> None:
-        """Stop recording this engine's timings (observable instruments report nothing more
-        once the engine is gone)."""
+        """Stop exporting this engine: no more timings, no more observations."""
         detach(self._state, self)
+        self._shared.remove(self)
+
+    def stats(self) -> EngineStats | None:
+        """The engine's stats now; None once it is gone."""
+        engine = self._state.engine_ref()
+        return None if engine is None else get_stats(engine)
+
+    def counts(self, stats: EngineStats) -> Sequence[Observation]:
+        """``db.client.connection.count``: idle and used."""
+        return [
+            Observation(stats.pool.idle, self.idle),
+            Observation(stats.pool.checked_out, self.used),
+        ]
 
     # -- Recorder: called on the app's threads ----------------------------------------------
 
     def connection_created(self, seconds: float) -> None:
-        self._create.record(seconds, self._pool)
+        self._shared.create.record(seconds, self.pool)
 
     def connection_waited(self, seconds: float) -> None:
-        self._wait.record(seconds, self._pool)
+        self._shared.wait.record(seconds, self.pool)
 
     def connection_used(self, seconds: float) -> None:
-        self._use.record(seconds, self._pool)
+        self._shared.use.record(seconds, self.pool)
 
     def operation(self, seconds: float, error: BaseException | None) -> None:
         if error is None:
-            self._duration.record(seconds, self._operation)
+            self._shared.duration.record(seconds, self._operation)
             return
         sqlstate = classify(error).sqlstate
         attributes = dict(self._operation)
         if sqlstate is not None:
             attributes["db.response.status_code"] = sqlstate
         attributes["error.type"] = sqlstate or type(error).__qualname__
-        self._duration.record(seconds, attributes)
-
-    # -- observable instruments: read when the reader collects --------------------------------
-
-    def _stats(self) -> EngineStats | None:
-        engine = self._engine()
-        return None if engine is None else get_stats(engine)
-
-    def _count(self, options: CallbackOptions) -> Iterable[Observation]:
-        stats = self._stats()
-        if stats is None:
-            return []
-        return [
-            Observation(stats.pool.idle, self._idle),
-            Observation(stats.pool.checked_out, self._used),
-        ]
-
-    def _pool_gauge(self, read: Any) -> Any:
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            stats = self._stats()
-            value = None if stats is None else read(stats)
-            return [] if value is None else [Observation(value, self._pool)]
-
-        return callback
-
-    def _own_counters(self, meter: metrics.Meter) -> None:
-        pool = self._pool
-
-        def by_prefix(prefix: str, label: str) -> Any:
-            def read(stats: EngineStats) -> Sequence[Observation]:
-                return [
-                    Observation(n, {**pool, label: key[len(prefix) :]})
-                    for key, n in stats.counters.items()
-                    if key.startswith(prefix) and "." not in key[len(prefix) :]
-                ]
-
-            return read
-
-        def retries(stats: EngineStats) -> Sequence[Observation]:
-            found = []
-            for key, n in stats.counters.items():
-                parts = key.split(".")
-                if parts[0] == "retry" and len(parts) == 3:
-                    labels = {**pool, "dbresilience.retry.what": parts[1]}
-                    found.append(Observation(n, {**labels, "dbresilience.cause": parts[2]}))
-            return found
-
-        def single(read: Any) -> Any:
-            return lambda stats: [Observation(read(stats), pool)]
-
-        counters = {
-            "dbresilience.retries": retries,
-            "dbresilience.replays": single(lambda s: s.replays),
-            "dbresilience.disconnects": single(lambda s: s.disconnects),
-            "dbresilience.invalidations": by_prefix("invalidated.", "dbresilience.scope"),
-            "dbresilience.connect.failures": single(lambda s: s.connect_failures),
-            "dbresilience.commit.outcomes": by_prefix("commit.", "dbresilience.commit.outcome"),
-            "dbresilience.breaker.opened": single(lambda s: s.breaker_opened),
-            "dbresilience.hang.aborts": by_prefix("hang.aborted.", "dbresilience.reason"),
-            "dbresilience.statement.timeouts": single(lambda s: s.statement_timeouts),
-        }
-        for name, read in counters.items():
-            meter.create_observable_counter(name, [self._reading(read)])
-
-        def breaker(stats: EngineStats) -> Sequence[Observation]:
-            if stats.breaker is None:
-                return []
-            return [Observation(_BREAKER_LEVELS[stats.breaker], pool)]
-
-        meter.create_observable_gauge(
-            "dbresilience.breaker.state",
-            [self._reading(breaker)],
-            description="0 closed, 1 half-open, 2 open",
-        )
-
-    def _reading(self, read: Any) -> Any:
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            stats = self._stats()
-            return [] if stats is None else list(read(stats))
-
-        return callback
+        self._shared.duration.record(seconds, attributes)
 
 
 def instrument_opentelemetry(

@@ -84,18 +84,21 @@ class _Histogram:
 
 
 class PrometheusCollector:
-    """The ``dbresilience_*`` series of one engine (see :func:`register_prometheus`)."""
+    """One engine's ``dbresilience_*`` series (see :func:`register_prometheus`); the
+    registry's :class:`_RegistryCollector` puts every engine's samples in one family each."""
 
     timings: tuple[str, ...] = ("wait",)  # the acquire-time histogram only
 
     def __init__(self, engine: Any, name: str) -> None:
-        sync_engine = _sync_engine(engine)
-        self._state = resilience_of(sync_engine)
-        self._engine = weakref.ref(sync_engine)
+        # The state, not the engine given: an execution_options() engine is a short-lived
+        # proxy of the one the state belongs to.
+        self._state = resilience_of(engine)
         self.name = name
         self._acquire = _Histogram(ACQUIRE_BUCKETS)
-        self.registry: CollectorRegistry | None = None
-        attach(self._state, sync_engine, self)
+        self._registry: _RegistryCollector | None = None
+        root = self._state.engine_ref()
+        assert root is not None
+        attach(self._state, root, self)
 
     # -- Recorder ---------------------------------------------------------------------------
 
@@ -111,19 +114,15 @@ class PrometheusCollector:
     def operation(self, seconds: float, error: BaseException | None) -> None:
         return None
 
-    # -- the collector protocol ---------------------------------------------------------------
+    # -- series ---------------------------------------------------------------------------------
 
-    def describe(self) -> list[Metric]:
-        """No description up front: the registry then calls :meth:`collect` once to learn the
-        names (the engine may be gone by the time it scrapes)."""
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        engine = self._engine()
+    def families(self) -> list[Metric] | None:
+        """This engine's families; None once the engine is gone."""
+        engine = self._state.engine_ref()
         if engine is None:
-            return
+            return None
         stats = get_stats(engine)
-        yield from _pool_series(self.name, stats)
+        found = list(_pool_series(self.name, stats))
         buckets, total = self._acquire.cumulative()
         acquire = HistogramMetricFamily(
             "dbresilience_pool_acquire_seconds",
@@ -131,15 +130,65 @@ class PrometheusCollector:
             labels=["engine"],
         )
         acquire.add_metric([self.name], buckets, total)
-        yield acquire
-        yield from _event_series(self.name, stats)
+        found.append(acquire)
+        found.extend(_event_series(self.name, stats))
+        return found
 
     def unregister(self) -> None:
-        """Remove it from its registry and stop recording acquire times."""
-        if self.registry is not None:
-            self.registry.unregister(self)
-            self.registry = None
+        """Stop exporting this engine (its series leave the registry's scrape)."""
+        if self._registry is not None:
+            self._registry.remove(self)
+            self._registry = None
         detach(self._state, self)
+
+
+class _RegistryCollector:
+    """What a registry scrapes: every registered engine's samples, one family per name (two
+    collectors each yielding the same family would make the exposition invalid)."""
+
+    def __init__(self) -> None:
+        self.engines: dict[str, PrometheusCollector] = {}
+        self._lock = threading.Lock()
+
+    def add(self, collector: PrometheusCollector) -> None:
+        with self._lock:
+            if collector.name in self.engines:
+                raise ValueError(
+                    f"an engine named {collector.name!r} is already exported to this registry: "
+                    "give this one another name (register_prometheus(engine, name=...))"
+                )
+            self.engines[collector.name] = collector
+
+    def remove(self, collector: PrometheusCollector) -> None:
+        with self._lock:
+            if self.engines.get(collector.name) is collector:
+                del self.engines[collector.name]
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: the names depend on the engines registered by then."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            collectors = list(self.engines.values())
+        merged: dict[str, Metric] = {}
+        for collector in collectors:
+            families = collector.families()
+            if families is None:  # the engine is gone
+                self.remove(collector)
+                continue
+            for family in families:
+                if family.name in merged:
+                    merged[family.name].samples.extend(family.samples)
+                else:
+                    merged[family.name] = family
+        yield from merged.values()
+
+
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _RegistryCollector] = (
+    weakref.WeakKeyDictionary()
+)
+_by_registry_lock = threading.Lock()
 
 
 def _gauge(name: str, doc: str, engine: str, value: float) -> GaugeMetricFamily:
@@ -265,10 +314,21 @@ def register_prometheus(
     :param engine: a resilient ``Engine`` or ``AsyncEngine``.
     :param registry: default: ``prometheus_client.REGISTRY``.
     :param name: the ``engine`` label; default ``host:port/database`` from the URL.
+        Unique per registry (:class:`ValueError` otherwise): two engines on one database
+        (a writer and a reporting pool) need names of their own.
     """
     sync_engine = _sync_engine(engine)
     collector = PrometheusCollector(sync_engine, name or default_pool_name(sync_engine))
     target = REGISTRY if registry is None else registry
-    target.register(collector)
-    collector.registry = target
+    with _by_registry_lock:
+        shared = _by_registry.get(target)
+        if shared is None:
+            shared = _by_registry[target] = _RegistryCollector()
+            target.register(shared)
+    try:
+        shared.add(collector)
+    except ValueError:
+        collector.unregister()  # detach its timings
+        raise
+    collector._registry = shared
     return collector
