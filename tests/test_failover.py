@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 import dbresilience
 from dbresilience import (
+    EngineStats,
     create_async_resilient_engine,
     create_resilient_engine,
     get_stats,
@@ -81,7 +82,7 @@ class Writers:
         self.url = url
         self.engine_kwargs = {"pool_size": WRITERS, **engine_kwargs}
         self.ledger = Ledger(first_id)
-        self.stats: dict[str, int] = {}
+        self.stats: EngineStats | None = None
         self._engine: Any = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -327,8 +328,12 @@ def test_failover_to_the_synchronous_standby_loses_nothing(
     print(f"{failover}\n{writers.stats}")
     assert failover.first_write - failover.writable < GAP_BOUND, str(failover)
     assert numbers["acknowledged"] >= 70
-    # Every write acknowledged after the failover was the new primary's.
-    assert not writers.ledger.acks(primary.port, after=failover.first_write)
+    # Every write acknowledged after the failover was the new primary's, except COMMITs lost
+    # at the stop that the commit check then found committed on the promoted standby (their
+    # transaction ran on the old primary; the answer came later).
+    late = writers.ledger.acks(primary.port, after=failover.first_write)
+    assert writers.stats is not None
+    assert len(late) <= writers.stats.commits.committed, (late, writers.stats)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
