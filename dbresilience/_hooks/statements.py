@@ -2,8 +2,10 @@
 ``do_execute_no_params``, wrapped): the watchdog bound on every statement, and replay of the
 first statement of a transaction that failed only because the connection was already dead.
 
-Replay happens only when the driver reported no open transaction before the statement ran
-(nothing of it can have committed), or in autocommit for executions marked
+Replay happens only for the first statement SQLAlchemy runs after beginning a transaction
+(``do_begin``, wrapped, marks the connection; any statement consumes the mark) when the driver
+also reported no open transaction before it ran (nothing of it can have committed), or in
+autocommit for executions marked
 ``dbresilience_idempotent=True``; never for insertmanyvalues batches, whose cursor SQLAlchemy
 keeps. On the new connection the pool's ``checkout`` listeners run first (its ``connect``
 listeners ran when it was made), and the connection's characteristics (isolation level...)
