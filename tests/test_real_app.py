@@ -904,8 +904,17 @@ def test_set_testing_does_not_spin_against_a_server_that_is_down() -> None:
     engine.dispose()
 
 
-async def _closed_mid_transaction(url: str) -> tuple[type[BaseException] | None, list[int]]:
+async def _closed_mid_transaction(
+    url: str, *, begin_listener: bool
+) -> tuple[type[BaseException] | None, list[int]]:
     engine = create_async_resilient_engine(url)
+    if begin_listener:
+        # A common multi-tenant / RLS pattern: a per-transaction setting in a "begin"
+        # listener, which SQLAlchemy runs before dialect.do_begin (found in review).
+        @event.listens_for(engine.sync_engine, "begin")
+        def _set_tenant(conn: Connection) -> None:
+            conn.exec_driver_sql("select set_config('app.tenant', '42', true)")
+
     try:
         async with engine.connect() as conn:
             await conn.execute(text("drop table if exists closed_mid"))
@@ -930,12 +939,14 @@ async def _closed_mid_transaction(url: str) -> tuple[type[BaseException] | None,
         await engine.dispose()
 
 
+@pytest.mark.parametrize("begin_listener", [False, True])
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 def test_a_transaction_closed_mid_way_never_commits_its_second_half(
-    shared_pg: PostgresCluster, driver: str
+    shared_pg: PostgresCluster, driver: str, begin_listener: bool
 ) -> None:
     # The second statement must not be replayed on a new connection as if it began the
     # transaction: that would commit it without the first.
-    raised, rows = asyncio.run(_closed_mid_transaction(shared_pg.url(driver)))
+    url = shared_pg.url(driver)
+    raised, rows = asyncio.run(_closed_mid_transaction(url, begin_listener=begin_listener))
     assert rows == [], rows
     assert raised is not None and issubclass(raised, exc.DBAPIError), raised

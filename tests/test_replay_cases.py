@@ -1,6 +1,6 @@
 """Replay of a transaction's first statement (SQLAlchemy's ``do_begin`` noted): still replayed
 after the backend died between checkout and that statement, whatever began the transaction;
-never for a later statement, even when a ``begin`` listener ran the first (found in review)."""
+never for a later one (the closed-mid-transaction cases are in test_real_app.py)."""
 
 from __future__ import annotations
 
@@ -111,41 +111,3 @@ def test_async_engine_begin_first_statement_replayed(
     _setup(shared_pg)
     replays, rows = asyncio.run(_async_engine_begin(shared_pg, driver))
     assert (replays, rows) == (1, 2)
-
-
-def _tenant_listener(sync_engine: Any) -> None:
-    # A common multi-tenant / RLS pattern: a per-transaction setting run in a "begin" listener
-    # (SQLAlchemy runs "begin" listeners before dialect.do_begin).
-    @event.listens_for(sync_engine, "begin")
-    def _set_tenant(conn: Any) -> None:
-        conn.exec_driver_sql("select set_config('app.tenant', '42', true)")
-
-
-async def _closed_mid_with_listener(url: str) -> tuple[Any, list[int]]:
-    engine = create_async_resilient_engine(url)
-    _tenant_listener(engine.sync_engine)
-    try:
-        raised = None
-        async with engine.connect() as conn:
-            await conn.execute(text("insert into rev_t values (1)"))
-            await conn.run_sync(lambda c: c.connection.dbapi_connection.close())
-            try:
-                await conn.execute(text("insert into rev_t values (2)"))
-                await conn.commit()
-            except Exception as exc:
-                raised = type(exc)
-                await conn.rollback()
-        async with engine.connect() as conn:
-            rows = (await conn.execute(text("select id from rev_t order by id"))).all()
-        return raised, [int(r[0]) for r in rows]
-    finally:
-        await engine.dispose()
-
-
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
-def test_closed_mid_way_with_begin_listener_never_commits_second_half(
-    shared_pg: PostgresCluster, driver: str
-) -> None:
-    _setup(shared_pg)
-    raised, rows = asyncio.run(_closed_mid_with_listener(shared_pg.url(driver)))
-    assert rows == [], (raised, rows)
