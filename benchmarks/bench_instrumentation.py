@@ -11,6 +11,7 @@ The readers are collected once per engine at the end (a scrape costs nothing per
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from _harness import compare_engines
@@ -33,42 +34,25 @@ def checkout_select_1(engine: Engine) -> None:
         conn.execute(SELECT_1)
 
 
-def with_opentelemetry(url: str) -> Engine:
-    """A resilient engine exporting to the OpenTelemetry SDK (in-memory reader)."""
-    engine = create_resilient_engine(url)
-    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
-    metrics = dbresilience.instrument_opentelemetry(engine, meter_provider=provider)
-    _keep.append((provider, metrics))
-    return engine
+def with_opentelemetry(
+    *, sdk: bool = True, timings: tuple[str, ...] | None = None
+) -> Callable[[str], Engine]:
+    """A factory of resilient engines exporting through OpenTelemetry: to the SDK (an
+    in-memory reader), or through the API alone with a no-op provider (our own share of the
+    cost, the timing wrappers, without the SDK's per-record work); ``timings`` as in
+    ``instrument_opentelemetry`` (None: its default, every timing)."""
 
+    def make(url: str) -> Engine:
+        engine = create_resilient_engine(url)
+        provider = MeterProvider(metric_readers=[InMemoryMetricReader()]) if sdk else None
+        chosen = {} if timings is None else {"timings": timings}
+        metrics = dbresilience.instrument_opentelemetry(
+            engine, meter_provider=provider or NoOpMeterProvider(), **chosen
+        )
+        _keep.append((provider, metrics))
+        return engine
 
-def with_opentelemetry_operations_only(url: str) -> Engine:
-    """The OpenTelemetry SDK, recording only ``db.client.operation.duration`` per statement."""
-    engine = create_resilient_engine(url)
-    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
-    metrics = dbresilience.instrument_opentelemetry(
-        engine, meter_provider=provider, timings=("operation",)
-    )
-    _keep.append((provider, metrics))
-    return engine
-
-
-def with_opentelemetry_no_timings(url: str) -> Engine:
-    """The OpenTelemetry SDK, no per-operation histogram (counts read at collection only)."""
-    engine = create_resilient_engine(url)
-    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
-    metrics = dbresilience.instrument_opentelemetry(engine, meter_provider=provider, timings=())
-    _keep.append((provider, metrics))
-    return engine
-
-
-def with_opentelemetry_api_only(url: str) -> Engine:
-    """Instrumented through the API with no SDK (a no-op meter provider): our own share of
-    the cost - the timing wrappers - without the SDK's per-record work."""
-    engine = create_resilient_engine(url)
-    noop = NoOpMeterProvider()
-    _keep.append(dbresilience.instrument_opentelemetry(engine, meter_provider=noop))
-    return engine
+    return make
 
 
 def with_prometheus(url: str) -> Engine:
@@ -86,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         title="exporters' cost: checkout + select 1 + checkin, psycopg, one thread",
         factories={
             "resilient": create_resilient_engine,
-            "otel_api_only": with_opentelemetry_api_only,
-            "otel_sdk": with_opentelemetry,
-            "otel_sdk_ops": with_opentelemetry_operations_only,
-            "otel_sdk_none": with_opentelemetry_no_timings,
+            "otel_api_only": with_opentelemetry(sdk=False),
+            "otel_sdk": with_opentelemetry(),
+            "otel_sdk_ops": with_opentelemetry(timings=("operation",)),
+            "otel_sdk_none": with_opentelemetry(timings=()),
             "prometheus": with_prometheus,
             "plain": create_engine,
         },
