@@ -19,11 +19,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ASYNC_DRIVERS",
+    "DEFAULT_PORT",
     "SYNC_DRIVERS",
     "check_url",
     "create_async_resilient_engine",
     "create_resilient_engine",
     "parse_url",
+    "url_hosts",
 ]
 
 SYNC_DRIVERS = ("psycopg",)
@@ -43,6 +45,61 @@ def parse_url(url: str | URL) -> URL:
             f"malformed database URL {redact(url)!r}: {redact(str(exc))}; expected "
             "postgresql+psycopg://user:password@host:port/dbname"
         ) from None
+
+
+DEFAULT_PORT = 5432
+
+
+def url_hosts(url: URL) -> list[tuple[str | None, int]]:
+    """Every ``(host, port)`` a PostgreSQL URL names, in order: the URL's own host, then
+    ``?host=`` (repeated or comma-separated; ``host:port``, ``[v6]:port``, a socket directory),
+    with ``?port=`` (one for all, or one each); ``[(None, port)]`` when it names none.
+    :class:`ConfigurationError` for an invalid port or mismatched host and port counts."""
+    query = url.query
+    items = _as_list(url.host) + _as_list(query.get("host"))
+    ports = [_port(p) for p in _as_list(query.get("port"))]
+    default = url.port or (ports[0] if len(ports) == 1 else DEFAULT_PORT)
+    if not items:
+        return [(None, default)]
+    if len(ports) > 1 and len(ports) != len(items):
+        raise ConfigurationError(f"{len(items)} hosts but {len(ports)} ports")
+    found: list[tuple[str | None, int]] = []
+    for i, item in enumerate(items):
+        host, port = _split_host_port(item)
+        if port is None:
+            port = ports[i] if len(ports) > 1 else default
+        found.append((host, port))
+    return found
+
+
+def _as_list(value: str | tuple[str, ...] | None) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+def _split_host_port(item: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address."""
+    if item.startswith("/"):
+        return item, None
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        return host, _port(rest[1:]) if rest.startswith(":") else None
+    if item.count(":") == 1:
+        host, port = item.split(":")
+        return host, _port(port)
+    return item, None
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigurationError(f"invalid port {text!r}") from None
+    if not 0 < port < 65536:
+        raise ConfigurationError(f"invalid port {port}")
+    return port
 
 
 def check_url(url: URL, *, is_async: bool) -> None:

@@ -33,7 +33,7 @@ from typing import Any, Literal, TypeVar
 from sqlalchemy.engine import URL
 
 from dbresilience._classification import ErrorKind, classify
-from dbresilience._engine import parse_url
+from dbresilience._engine import parse_url, url_hosts
 from dbresilience._errors import ConfigurationError
 from dbresilience._redaction import mask_url, redact
 from dbresilience.cli._check_advice import (
@@ -49,7 +49,6 @@ _T = TypeVar("_T")
 Role = Literal["primary", "standby"]
 HostKind = Literal["tcp", "unix", "default"]
 
-DEFAULT_PORT = 5432
 _LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 # Options the check sets itself per host, or that would make it skip hosts.
 _OWN_OPTIONS = frozenset(
@@ -204,53 +203,16 @@ def _bounded(fn: Callable[[], _T], timeout: float) -> _T:
         raise TimeoutError(f"no answer within {timeout:g} s") from None
 
 
-def _as_list(value: str | tuple[str, ...] | None) -> list[str]:
-    if value is None:
-        return []
-    items = [value] if isinstance(value, str) else list(value)
-    return [part.strip() for item in items for part in item.split(",") if part.strip()]
-
-
-def _split_host_port(item: str) -> tuple[str, int | None]:
-    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address."""
-    if item.startswith("/"):
-        return item, None
-    if item.startswith("["):
-        host, _, rest = item[1:].partition("]")
-        return host, _port(rest[1:]) if rest.startswith(":") else None
-    if item.count(":") == 1:
-        host, port = item.split(":")
-        return host, _port(port)
-    return item, None
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise ConfigurationError(f"invalid port {text!r}") from None
-    if not 0 < port < 65536:
-        raise ConfigurationError(f"invalid port {port}")
-    return port
-
-
 def hosts_of(url: URL) -> list[HostCheck]:
     """Every host the URL names, with its port (``ConfigurationError`` if inconsistent)."""
-    query = url.query
-    items = _as_list(url.host) + _as_list(query.get("host"))
-    ports = [_port(p) for p in _as_list(query.get("port"))]
-    default = url.port or (ports[0] if len(ports) == 1 else DEFAULT_PORT)
-    if not items:
-        return [HostCheck(host=None, port=default, kind="default")]
-    if len(ports) > 1 and len(ports) != len(items):
-        raise ConfigurationError(f"{len(items)} hosts but {len(ports)} ports")
-    checks = []
-    for i, item in enumerate(items):
-        host, port = _split_host_port(item)
-        if port is None:
-            port = ports[i] if len(ports) > 1 else default
-        checks.append(HostCheck(host=host, port=port, kind="unix" if host[0] == "/" else "tcp"))
-    return checks
+    named = url_hosts(url)
+    if named[0][0] is None:
+        return [HostCheck(host=None, port=named[0][1], kind="default")]
+    return [
+        HostCheck(host=host, port=port, kind="unix" if host[0] == "/" else "tcp")
+        for host, port in named
+        if host is not None
+    ]
 
 
 def _libpq_options() -> frozenset[str]:
