@@ -108,7 +108,7 @@ class CommitResolved:
     """A COMMIT lost its reply and the server was asked what became of it.
 
     :ivar outcome: ``"committed"`` (reported as success, never run again), ``"aborted"``
-        (retryable), ``"read-only"`` / ``"nothing"`` (the transaction wrote nothing) or
+        (retryable), ``"read-only"`` (the transaction wrote nothing) or
         ``"unknown"`` (:class:`~dbresilience.CommitOutcomeUnknown`).
     """
 

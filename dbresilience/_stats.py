@@ -159,7 +159,7 @@ class EngineStats(Mapping[str, int]):
                 committed=c("commit.committed", 0),
                 aborted=c("commit.aborted", 0),
                 unknown=c("commit.unknown", 0),
-                read_only=c("commit.read-only", 0) + c("commit.nothing", 0),
+                read_only=c("commit.read-only", 0),
             ),
             breaker_opened=c("breaker.opened", 0),
             breaker_fail_fast=c("breaker.fail_fast", 0),

@@ -55,20 +55,14 @@ __all__ = ["OpenTelemetryMetrics", "instrument_opentelemetry"]
 ALL_TIMINGS = ("wait", "use", "create", "operation")
 
 # The semantic conventions' advice for db.client.operation.duration (seconds).
-_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 _BREAKER_LEVELS = {"closed": 0, "half-open": 1, "open": 2}
 
 
 def _histogram(meter: metrics.Meter, name: str, description: str) -> metrics.Histogram:
-    try:
-        return meter.create_histogram(
-            name,
-            unit="s",
-            description=description,
-            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
-        )
-    except TypeError:  # opentelemetry-api before 1.23: no advice
-        return meter.create_histogram(name, unit="s", description=description)
+    return meter.create_histogram(
+        name, unit="s", description=description, explicit_bucket_boundaries_advisory=_BUCKETS
+    )
 
 
 class _Shared:
@@ -318,9 +312,7 @@ def instrument_opentelemetry(
         raise ValueError(f"timings: unknown {sorted(unknown)}; choose from {list(ALL_TIMINGS)}")
     sync_engine = _sync_engine(engine)
     resilience_of(sync_engine)  # ConfigurationError for a plain engine
-    from dbresilience import __name__ as package
-
-    meter = metrics.get_meter(package, meter_provider=meter_provider)
+    meter = metrics.get_meter("dbresilience", meter_provider=meter_provider)
     return OpenTelemetryMetrics(
         sync_engine, meter, pool_name or default_pool_name(sync_engine), chosen
     )
